@@ -1,0 +1,11 @@
+"""The ring scheduler: communication, per-step schedule, LSE merge, forward and backward."""
+
+from .comm import LoopbackRing, ProcessGroupRing, Ring, ThreadRing, run_thread_ring
+from .merge import merge_block_
+from .ring import accumulation_dtype, ring_backward, ring_forward
+from .schedule import LAYOUTS, BlockTask, block_task, source_rank
+
+__all__ = [
+    "LAYOUTS", "BlockTask", "LoopbackRing", "ProcessGroupRing", "Ring", "ThreadRing", "accumulation_dtype",
+    "block_task", "merge_block_", "ring_backward", "ring_forward", "run_thread_ring", "source_rank",
+]

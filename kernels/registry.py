@@ -1,0 +1,60 @@
+"""The attention backends, one signature each, and the choice of backend per device."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import reference, sdpa
+
+FwdFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+BwdFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An attention kernel pair.
+
+    ``fwd(q, k, v, *, softmax_scale, causal) -> (out, lse)``;
+    ``bwd(do, q, k, v, out, lse, *, softmax_scale, causal) -> (dq, dk, dv)``.
+    """
+
+    name: str
+    fwd: FwdFn
+    bwd: BwdFn
+    cuda_only: bool
+
+
+def _triton() -> Backend:
+    from .triton_bwd import flash_bwd
+    from .triton_fwd import flash_fwd
+
+    return Backend("triton", flash_fwd, flash_bwd, cuda_only=False)
+
+
+_FACTORIES: dict[str, Callable[[], Backend]] = {
+    "reference": lambda: Backend("reference", reference.reference_fwd, reference.reference_bwd, cuda_only=False),
+    "cudnn": lambda: Backend("cudnn", sdpa.cudnn_fwd, sdpa.cudnn_bwd, cuda_only=True),
+    "flash2": lambda: Backend("flash2", sdpa.flash2_fwd, sdpa.flash2_bwd, cuda_only=True),
+    "triton": _triton,
+}
+BACKEND_NAMES = ("auto", *_FACTORIES)
+
+
+def get_backend(name: str = "auto", device: torch.device | str | None = None) -> Backend:
+    """Return the backend called ``name``.
+
+    "auto" picks "triton" on CUDA and "reference" elsewhere (``device`` decides; None means CUDA
+    when it is available).
+    """
+    if not isinstance(name, str) or name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}; got {name!r}")
+    if name == "auto":
+        on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+        name = "triton" if on_cuda else "reference"
+    backend = _FACTORIES[name]()
+    if device is not None and backend.cuda_only and torch.device(device).type != "cuda":
+        raise ValueError(f"backend {name!r} needs CUDA tensors; got tensors on {device}")
+    return backend

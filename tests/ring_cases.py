@@ -1,0 +1,84 @@
+"""Per-rank bodies of the multi-process ring tests (importable by spawned processes)."""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+
+import torch
+
+from fa3dist import ring_fa3_attention, shard_sequence
+from fa3dist.kernels.numerics import relative_error
+from fa3dist.kernels.reference import reference_bwd, reference_fwd
+
+HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
+CASES = [
+    (layout, causal, heads, dtype, head_dim)
+    for layout, causal, heads in itertools.product(("zigzag", "contiguous"), (False, True), HEADS)
+    for dtype, head_dim in (("float64", 40), ("float32", 64))
+]
+
+
+def case_id(case: tuple) -> str:
+    layout, causal, heads, dtype, head_dim = case
+    return f"{layout}-{'causal' if causal else 'full'}-{heads}-{dtype}-d{head_dim}"
+
+
+def ring_errors(rank: int, world_size: int) -> dict[str, dict[str, float]]:
+    """For every case: relative errors of this rank's out, lse, dq, dk, dv against float64 math."""
+    results = {}
+    for case in CASES:
+        layout, causal, heads, dtype_name, head_dim = case
+        dtype = getattr(torch, dtype_name)
+        n_heads, n_kv = HEADS[heads]
+        seq = 2 * world_size * 5  # every layout splits it; 5 tokens per chunk
+        gen = torch.Generator().manual_seed(zlib.crc32(case_id(case).encode()) + 17 * world_size)
+        full = {n: torch.randn(2, seq, h, head_dim, generator=gen, dtype=torch.float64)
+                for n, h in (("q", n_heads), ("k", n_kv), ("v", n_kv), ("do", n_heads))}
+        scale = 0.7 / head_dim ** 0.5
+        ref_out, ref_lse = reference_fwd(full["q"], full["k"], full["v"], softmax_scale=scale, causal=causal)
+        ref_grads = reference_bwd(full["do"], full["q"], full["k"], full["v"], ref_out, ref_lse,
+                                  softmax_scale=scale, causal=causal)
+
+        def shard(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+            return shard_sequence(x, world_size=world_size, rank=rank, layout=layout, seq_dim=dim)
+
+        q, k, v = (shard(full[n]).to(dtype).requires_grad_() for n in ("q", "k", "v"))
+        out, lse = ring_fa3_attention(q, k, v, causal=causal, softmax_scale=scale, layout=layout,
+                                      backend="reference", return_lse=True)
+        out.backward(shard(full["do"]).to(dtype))
+        results[case_id(case)] = {
+            "out": relative_error(out, shard(ref_out)),
+            "lse": relative_error(lse, shard(ref_lse, dim=2)),
+            "dq": relative_error(q.grad, shard(ref_grads[0])),
+            "dk": relative_error(k.grad, shard(ref_grads[1])),
+            "dv": relative_error(v.grad, shard(ref_grads[2])),
+            "out_dtype_ok": out.dtype == dtype and q.grad.dtype == dtype,
+        }
+    return results
+
+
+def disagreeing_call(rank: int, world_size: int, field: str) -> str:
+    """Call the ring with one rank's input differing in ``field``; return the error text."""
+    seq = 8 if (field == "seq" and rank == 1) else 4
+    dtype = torch.float64 if (field == "dtype" and rank == 1) else torch.float32
+    causal = field == "causal" and rank == 1
+    q = torch.randn(1, seq, 2, 8, dtype=dtype)
+    try:
+        ring_fa3_attention(q, q, q, causal=causal, backend="reference")
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+def unshard_round_trip(rank: int, world_size: int) -> bool:
+    """Shard a tensor on every rank and gather it back, for both layouts and two sequence dims."""
+    from fa3dist import unshard_sequence
+
+    seq_first = torch.randn(2, 4 * world_size, 3, generator=torch.Generator().manual_seed(world_size))
+    for layout, (full, dim) in itertools.product(("zigzag", "contiguous"),
+                                                 ((seq_first, 1), (seq_first.transpose(1, 2), 2))):
+        local = shard_sequence(full, world_size=world_size, rank=rank, layout=layout, seq_dim=dim)
+        if not torch.equal(unshard_sequence(local, layout=layout, seq_dim=dim), full):
+            return False
+    return True
