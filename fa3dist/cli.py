@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import dataclasses
 import json
 import logging
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from .config import ConfigError, LaunchOptions, load_config
 from .launch.errors import RankFailedError
@@ -47,9 +49,40 @@ def _format_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from fa3dist.launch.local import launch_local
+def _launch(cfg: LaunchOptions, launcher: str, ray_address: str | None) -> dict[str, Any]:
+    """Run ``cfg``'s job over ``cfg.world_size`` ranks with the chosen launcher; rank 0's result."""
+    from fa3dist.jobs import job_name
 
+    if launcher == "local":
+        from fa3dist.launch.local import launch_local
+
+        return launch_local(cfg, cfg.world_size)
+    if launcher == "ray":
+        from fa3dist.launch.ray_launcher import launch_ray
+
+        return launch_ray(cfg, cfg.world_size, address=ray_address)
+    config_file = Path(cfg.out) / "config.yaml"
+    config_file.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.world_size}",
+           "-m", "fa3dist.launch.torchrun", job_name(cfg), "--config", str(config_file), "--run-dir", cfg.out]
+    print("running:", " ".join(cmd), flush=True)
+    code = subprocess.run(cmd).returncode
+    if code != 0:
+        raise RankFailedError(-1, f"torchrun exited with code {code}; its report above names the failing rank")
+    return json.loads((Path(cfg.out) / "result.json").read_text())
+
+
+def _add_launch_args(parser: argparse.ArgumentParser, config_help: str) -> None:
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--launcher", choices=["local", "torchrun", "ray"], default="local",
+                        help="local processes (default), torchrun, or Ray actors")
+    parser.add_argument("--ray-address", help="Ray cluster to join (default: a running one, or start a local one)")
+    parser.add_argument("--world-size", type=int, help="number of ranks (default: GPUs if 2+, else a CPU default)")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], help="where ranks run (default auto)")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
     values = {k: getattr(args, k) for k in ("world_size", "seq_len", "heads", "kv_heads", "head_dim", "layout",
                                             "causal", "backend", "dtype", "device", "batch")}
     cfg = _resolve_world(load_config(DemoConfig, args.config, args.set, **values), cpu_default=4)
@@ -60,10 +93,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ConfigError(f"seq_len {cfg.seq_len} does not split into {parts} equal chunks "
                           f"(layout {cfg.layout}, world_size {cfg.world_size})")
     cfg = dataclasses.replace(cfg, out=_run_dir(cfg.out, "demo"))
-    print(f"fa3dist demo: {cfg.world_size} ranks on {cfg.device}, S={cfg.seq_len}, H={cfg.heads}, "
+    print(f"fa3dist demo: {cfg.world_size} ranks on {cfg.device} ({args.launcher}), S={cfg.seq_len}, H={cfg.heads}, "
           f"H_kv={cfg.kv_heads}, D={cfg.head_dim}, {cfg.layout}, causal={cfg.causal}, backend={cfg.backend}")
-    result = launch_local(cfg, cfg.world_size)
-    (Path(cfg.out) / "result.json").write_text(json.dumps(result, indent=2))
+    result = _launch(cfg, args.launcher, args.ray_address)
     errs = result["errors"]
     print(_format_table(
         ["world_size", "layout", "causal", "dtype", "err out", "err dq", "err dk", "err dv", "max rel err",
@@ -74,6 +106,59 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"{verdict}: max relative error {result['max_rel_error']:.3g} (tolerance {result['tolerance']:.0e}); "
           f"logs and result.json in {cfg.out}")
     return 0 if result["ok"] else 1
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import CheckConfig
+
+    values = {k: getattr(args, k) for k in ("world_size", "device", "fail_rank", "fail_mode", "timeout_s")}
+    cfg = _resolve_world(load_config(CheckConfig, args.config, args.set, **values), cpu_default=2)
+    cfg = dataclasses.replace(cfg, out=_run_dir(cfg.out, "check"))
+    print(f"fa3dist check: {cfg.world_size} ranks on {cfg.device} ({args.launcher}); logs in {cfg.out}", flush=True)
+    result = _launch(cfg, args.launcher, args.ray_address)
+    print(f"ok: {result['rounds']} rounds of ring exchange and all-reduce in {result['seconds']:.1f} s")
+    return 0
+
+
+def cmd_scaling(args: argparse.Namespace) -> int:
+    from .bench.scaling import ScalingConfig
+
+    from .bench.common import command_line
+
+    values = {"world_size": args.world_size, "device": args.device, "repeat": args.repeat, "results_dir": args.out,
+              "plot": args.plot or None, "launcher": args.launcher, "command": command_line()}
+    cfg = load_config(ScalingConfig, args.config, args.set, **values)
+    cfg = _resolve_world(dataclasses.replace(cfg, world_size=cfg.world_size or max(cfg.world_sizes)), cpu_default=2)
+    cfg = dataclasses.replace(cfg, out=_run_dir(cfg.out, "scaling"))
+    print(f"fa3dist bench scaling: {cfg.world_size} ranks on {cfg.device} ({args.launcher}); logs in {cfg.out}",
+          flush=True)
+    result = _launch(cfg, args.launcher, args.ray_address)
+    print("\n".join(["wrote:", *result["paths"]]))
+    print(Path(next(p for p in result["paths"] if p.endswith(".md"))).read_text())
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "kernel":
+        from .bench.kernel import KernelBenchConfig as cls, write_kernel_results as run
+    else:
+        from .bench.ring import RingBenchConfig as cls, write_ring_results as run
+    cfg = load_config(cls, args.config, args.set)
+    paths = run(cfg, args.out, args.plot)
+    print("\n".join(["wrote:", *paths]))
+    md = next(p for p in paths if p.endswith(".md"))
+    print(Path(md).read_text())
+    return 0
+
+
+def _bench_parser(sub, name: str, help_: str, description: str, default_config: str) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help_, description=description)
+    parser.add_argument("--config", default=default_config, help=f"YAML settings (default {default_config})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--out", default="bench/results", help="folder for the JSON and Markdown results")
+    parser.add_argument("--plot", action="store_true", help="also write PNG charts (needs matplotlib)")
+    parser.set_defaults(func=cmd_bench, bench=name)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,10 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start W local processes (4 CPU processes with gloo, or one per GPU with NCCL when 2+ GPUs "
                     "are visible), run ring_fa3_attention forward and backward on random inputs, compare "
                     "out/dq/dk/dv with the single-process result, and exit 1 on a mismatch.")
-    demo.add_argument("--config", help="YAML file with demo settings (e.g. configs/demo.yaml)")
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    demo.add_argument("--world-size", type=int, help="number of ranks (default: GPUs if 2+, else 4)")
-    demo.add_argument("--device", choices=["auto", "cuda", "cpu"], help="where ranks run (default auto)")
+    _add_launch_args(demo, "YAML file with demo settings (e.g. configs/demo.yaml)")
     demo.add_argument("--batch", type=int, help="batch size (default 1)")
     demo.add_argument("--seq-len", type=int, help="total sequence length over all ranks (default 1024)")
     demo.add_argument("--heads", type=int, help="query heads (default 8)")
@@ -104,6 +186,40 @@ def build_parser() -> argparse.ArgumentParser:
                       help="kernel backend (default auto: triton on CUDA, reference on CPU)")
     demo.add_argument("--dtype", choices=["auto", *DTYPES], help="dtype (default bfloat16 on CUDA, float32 on CPU)")
     demo.set_defaults(func=cmd_demo)
+
+    check = sub.add_parser(
+        "check", help="check that the ranks can talk (and that a failing rank stops the job)",
+        description="Pass a tensor round the ring and all-reduce it for a few rounds on every rank. "
+                    "--fail-rank R makes rank R fail on purpose (--fail-mode raise|exit|hang) to show that the "
+                    "launcher stops every rank and names the failing one.")
+    _add_launch_args(check, "YAML settings for the check (optional)")
+    check.add_argument("--fail-rank", type=int, help="make this rank fail mid-run")
+    check.add_argument("--fail-mode", choices=["raise", "exit", "hang"], help="how it fails (default raise)")
+    check.add_argument("--timeout-s", type=float, help="process-group timeout in seconds (default 60)")
+    check.set_defaults(func=cmd_check)
+
+    bench = sub.add_parser("bench", help="benchmarks (kernel, ring, scaling)",
+                           description="Benchmarks that write JSON and Markdown results (and PNG with --plot).")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    _bench_parser(bench_sub, "kernel", "our kernels against cuDNN, FA2 and FlexAttention on one GPU",
+                  "Time the Triton forward and backward kernels against PyTorch SDPA cuDNN, SDPA flash (FA2) and "
+                  "torch.compile(flex_attention) in one process, over head dim x sequence length x causal, and "
+                  "write kernel-<gpu>-<date>.json/.md with ours/cuDNN ratios.", "configs/bench_kernel.yaml")
+    scaling = bench_sub.add_parser(
+        "scaling", help="weak and strong scaling over GPUs against one GPU and PyTorch context parallel",
+        description="Run the ring over the config's world sizes (weak scaling: fixed tokens per rank; strong: fixed "
+                    "total S), the same schedule without communication (overlap efficiency), one GPU over the whole "
+                    "sequence, and PyTorch's context_parallel on the same problem; write "
+                    "scaling-<gpu>x<W>-<date>-<launcher>.json/.md (and PNG with --plot).")
+    _add_launch_args(scaling, "YAML settings, e.g. configs/scaling_h100x4.yaml or configs/scaling_cpu.yaml")
+    scaling.add_argument("--out", help="folder for the JSON and Markdown results (default bench/results)")
+    scaling.add_argument("--repeat", type=int, help="measure everything N times (soak runs)")
+    scaling.add_argument("--plot", action="store_true", help="also write PNG charts (needs matplotlib)")
+    scaling.set_defaults(func=cmd_scaling)
+    _bench_parser(bench_sub, "ring", "the ring schedule's overhead on one GPU (virtual ranks)",
+                  "Run the ring's exact per-step schedule for W virtual ranks on one GPU, without communication, "
+                  "against one kernel call over the whole sequence, and write ring-<gpu>-<date>.json/.md.",
+                  "configs/bench_ring.yaml")
     return parser
 
 

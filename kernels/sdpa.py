@@ -57,9 +57,10 @@ def cudnn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     lse = lse.float().contiguous()
     if _cudnn_lse_has_trailing_dim(q.device):
         lse = lse.unsqueeze(-1)
-    empty = torch.empty(0, device=q.device, dtype=torch.int64)
+    # None for the dropout RNG state, the bias and the varlen offsets: a defined cum_seq tensor
+    # would make cuDNN take the inputs for nested (varlen) ones.
     dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
-        dot, qt, kt, vt, outt, lse, empty, empty, None, empty, empty, q.shape[1], k.shape[1],
+        dot, qt, kt, vt, outt, lse, None, None, None, None, None, q.shape[1], k.shape[1],
         0.0, causal, scale=softmax_scale)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
@@ -80,8 +81,7 @@ def flash2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     _check(q, k, v, causal, "flash2")
     check_bwd_inputs(do, q, out, lse)
     dot, qt, kt, vt, outt = _bhsd(do, q, k, v, out)
-    empty = torch.empty(0, device=q.device, dtype=torch.int64)
     dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-        dot, qt, kt, vt, outt, lse.float().contiguous(), empty, empty, q.shape[1], k.shape[1],
-        0.0, causal, empty, empty, scale=softmax_scale)
+        dot, qt, kt, vt, outt, lse.float().contiguous(), None, None, q.shape[1], k.shape[1],
+        0.0, causal, None, None, scale=softmax_scale)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)

@@ -1,5 +1,264 @@
-"""The Triton fwd kernel is not in this commit yet."""
+"""FlashAttention forward in Triton (plain ``tl``), returning the log-sum-exp.
+
+Algorithm: one program computes one tile, the rows [start_m, start_m + BLOCK_M) of one (batch,
+head). Q's tile stays on chip; K/V stream through in BLOCK_N-row blocks, and an online softmax
+keeps a running row maximum ``m_i`` and row sum ``l_i`` in fp32, rescaling the fp32 accumulator
+whenever the maximum grows. The epilogue divides by ``l_i`` and stores out and the natural-log LSE.
+
+Where each technique lives:
+- TMA: every tile moves through a host ``TensorDescriptor`` over the (B, H, S, D) view of the 4-D
+  (B, S, H, D) tensor with block [1, 1, rows, BLOCK_D] (``_descriptor``). Out-of-bounds rows and the
+  columns past D (BLOCK_D is D rounded up to a power of two) are zero on load and clipped on store,
+  so odd S and D need no masks on loads or stores. Views are used as they are when TMA can address
+  them (``_tma_ready``). K/V feed the tensor cores straight from the TMA buffers, and Q stays in
+  shared memory.
+- exp2: log2(e) is folded into ``qk_scale`` on the host; the kernel works in base 2 and converts the
+  LSE to natural log at the store.
+- Masking only where needed: ``_attend_tile`` splits the keys into full blocks that need no mask
+  (the hot loop) and a masked remainder, the diagonal band when causal, or the last partial block.
+- GQA/MQA: query head h reads K/V head h // (H // H_kv); K/V are never repeated.
+- Tile order for L2 reuse: tiles are numbered (batch, head)-major, so the q-blocks that read the same
+  K/V run together, as do the heads of one GQA group. Causal tiles run the heavy (late) q-blocks of
+  each head first. ``PERSISTENT`` configs launch one program per SM that strides over the tiles.
+- Autotuning: ``flash_fwd`` picks a config per (dtype, D, causal, bucketed shape) with the verified
+  tuner of ``autotune.py`` among ``FWD_CONFIGS`` (``candidate_configs``). There is no
+  ``warp_specialize`` candidate: compiled for sm_90 with triton 3.6, it left this kernel unchanged with
+  8 warps and failed to compile with 4.
+- fp8 later: loads and dots are dtype-generic (P is cast to V's dtype); a Q·K descale would fold into
+  ``qk_scale`` and a V descale into the epilogue's 1 / l_i.
+
+The interpreter (TRITON_INTERPRET=1, CPU tensors) and float32 inputs use one small fixed config;
+float32 dots use ``input_precision="ieee"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .autotune import Config, pick_config
+from .checks import check_qkv, resolve_scale
+
+log = logging.getLogger("fa3dist.kernels")
+
+LOG2E = 1.4426950408889634
+_LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+_INTERPRET = bool(triton.knobs.runtime.interpret)  # fixed when the kernel below is decorated
+_SMEM_BYTES = 227 * 1024  # shared memory per block on H100/H200
+_INTERPRETER_PROGRAMS = 3  # "SMs" for persistent configs without a GPU: exercises the tile loop
 
 
-def flash_fwd(*args, **kwargs):
-    raise NotImplementedError("the Triton fwd kernel lands in a later commit")
+def _config(block_m: int, block_n: int, num_warps: int, num_stages: int, persistent: bool = False) -> Config:
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages,
+            "PERSISTENT": persistent}
+
+
+# Pruned by timing every earlier candidate on an H100 at S = 16K, bf16 (tools/sweep_configs.py,
+# 2026-11-27): the best were 128x128/8 warps/3 stages at D = 128 (0.87-0.92 of cuDNN), 64x128/4/2
+# at D = 64 (0.98-1.00) and 64x64/4/3 at D = 256 (0.86-0.90); 2-stage and 32-wide tiles lost
+# everywhere, the persistent grid by 5-30% (one candidate stays so the tuner keeps measuring it).
+FWD_CONFIGS: list[Config] = [
+    _config(64, 32, 4, 2),  # conservative reference candidate: fits every D
+    _config(64, 64, 4, 3),
+    _config(64, 128, 4, 2),
+    _config(128, 64, 8, 3),
+    _config(128, 64, 8, 4),
+    _config(128, 128, 8, 3),
+    _config(128, 64, 8, 3, persistent=True),
+]
+SMALL_CONFIG: Config = _config(32, 16, 4, 2)  # interpreter and float32
+
+
+@triton.jit
+def _kv_loop(acc, m_i, l_i, q, k_desc, v_desc, batch, kv_head, rows, lo, hi, seq_k, qk_scale,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """Online softmax over the key blocks [lo, hi); MASKED hides keys >= seq_k (and the future)."""
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = k_desc.load([batch, kv_head, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = v_desc.load([batch, kv_head, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if MASKED:
+            cols = start_n + tl.arange(0, BLOCK_N)
+            keep = cols[None, :] < seq_k
+            if CAUSAL:
+                keep = keep & (rows[:, None] >= cols[None, :])
+            qk = tl.where(keep, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no NaN
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_ref = m_new
+        p = tl.math.exp2(qk * qk_scale - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_tile(tile, q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, seq_q, seq_k, heads, group,
+                 num_m_blocks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Attention for one tile: BLOCK_M query rows of one (batch, head)."""
+    batch_head = tile // num_m_blocks
+    m_block = tile % num_m_blocks
+    if CAUSAL:
+        m_block = num_m_blocks - 1 - m_block  # heavy q-blocks first
+    batch = batch_head // heads
+    head = batch_head % heads
+    kv_head = head // group
+    start_m = m_block * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+
+    q = q_desc.load([batch, head, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if CAUSAL:  # keys below the tile's first row need no mask; the band up to its last row does
+        full_end = (start_m // BLOCK_N) * BLOCK_N
+        end = tl.minimum(start_m + BLOCK_M, seq_k)
+    else:  # only the last, partial key block needs a mask
+        full_end = (seq_k // BLOCK_N) * BLOCK_N
+        end = seq_k
+    acc, m_i, l_i = _kv_loop(acc, m_i, l_i, q, k_desc, v_desc, batch, kv_head, rows, 0, full_end, seq_k,
+                             qk_scale, BLOCK_N, BLOCK_D, CAUSAL, False, PRECISION)
+    acc, m_i, l_i = _kv_loop(acc, m_i, l_i, q, k_desc, v_desc, batch, kv_head, rows, full_end, end, seq_k,
+                             qk_scale, BLOCK_N, BLOCK_D, CAUSAL, True, PRECISION)
+
+    has_keys = l_i > 0.0  # a row that saw no key gets out = 0 and lse = -inf
+    out = acc * (1.0 / tl.where(has_keys, l_i, 1.0))[:, None]
+    o_desc.store([batch, head, start_m, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+    lse = tl.where(has_keys, (m_i + tl.math.log2(l_i)) * _LN2, float("-inf"))
+    tl.store(lse_ptr + batch_head.to(tl.int64) * seq_q + rows, lse, mask=rows < seq_q)
+
+
+@triton.jit
+def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, seq_q, seq_k, heads, group,
+                num_m_blocks, num_tiles, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                PERSISTENT: tl.constexpr):
+    if PERSISTENT:
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _attend_tile(tile, q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, seq_q, seq_k, heads,
+                         group, num_m_blocks, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, PRECISION)
+    else:
+        _attend_tile(tl.program_id(0), q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, seq_q, seq_k,
+                     heads, group, num_m_blocks, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, PRECISION)
+
+
+def _block_d(head_dim: int) -> int:
+    """D rounded up to a power of two, at least 16 (the smallest tl.dot size)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """Whether TMA can address ``t``: 16-byte aligned base and strides, unit last stride."""
+    elem = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(s * elem % 16 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1))
+
+
+def _descriptor(t: torch.Tensor, block_rows: int, block_d: int) -> TensorDescriptor:
+    """A descriptor over the (B, H, S, D) view of a (B, S, H, D) tensor, block [1, 1, rows, D].
+
+    With the two unit dims leading, the loaded tile is a plain matrix: Triton keeps Q in shared
+    memory for the tensor-core MMA instead of copying it to registers (as a [1, rows, 1, D] block
+    would). TMA takes the strides in any order. A size-1 dim's stride never addresses memory, so it
+    is replaced by an aligned one whatever torch reports.
+    """
+    view = t.transpose(1, 2)
+    strides = list(view.stride())
+    for dim in range(view.dim() - 2, -1, -1):
+        if view.shape[dim] == 1:
+            strides[dim] = strides[dim + 1] * view.shape[dim + 1]
+    return TensorDescriptor(view, list(view.shape), strides, [1, 1, block_rows, block_d])
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
+            cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the kernel with an explicit config on checked, TMA-ready inputs; returns (out, lse)."""
+    batch, seq_q, heads, head_dim = q.shape
+    seq_k, kv_heads = k.shape[1], k.shape[2]
+    block_m, block_n, block_d = cfg["BLOCK_M"], cfg["BLOCK_N"], _block_d(head_dim)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(batch, heads, seq_q, device=q.device, dtype=torch.float32)
+    num_m_blocks = triton.cdiv(seq_q, block_m)
+    num_tiles = batch * heads * num_m_blocks
+    if num_tiles == 0:
+        return out, lse
+    programs = num_tiles
+    if cfg["PERSISTENT"]:
+        sms = _num_sms(q.device) if q.is_cuda else _INTERPRETER_PROGRAMS
+        programs = min(num_tiles, sms)
+    _fwd_kernel[(programs,)](
+        _descriptor(q, block_m, block_d), _descriptor(k, block_n, block_d), _descriptor(v, block_n, block_d),
+        _descriptor(out, block_m, block_d), lse, softmax_scale * LOG2E, seq_q, seq_k, heads,
+        heads // kv_heads, num_m_blocks, num_tiles,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PERSISTENT=cfg["PERSISTENT"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out, lse
+
+
+def candidate_configs(head_dim: int, dtype: torch.dtype) -> list[Config]:
+    """The tuning candidates for one case: FWD_CONFIGS whose Q tile and K/V pipeline fit in shared memory.
+
+    The first entry is always FWD_CONFIGS[0], the tuner's reference.
+    """
+    tile_row_bytes = _block_d(head_dim) * torch.empty((), dtype=dtype).element_size()
+
+    def fits(cfg: Config) -> bool:
+        rows = cfg["BLOCK_M"] + 2 * cfg["num_stages"] * cfg["BLOCK_N"]
+        return rows * tile_row_bytes <= _SMEM_BYTES
+
+    return [FWD_CONFIGS[0], *(cfg for cfg in FWD_CONFIGS[1:] if fits(cfg))]
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(n, 1))
+
+
+def _choose_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+                   causal: bool) -> Config:
+    if _INTERPRET or not q.is_cuda or q.dtype == torch.float32:
+        return SMALL_CONFIG
+    batch, seq_q, heads, head_dim = q.shape
+    key: Any = ("triton_fwd", str(q.device), q.dtype, head_dim, causal, _bucket(seq_q),
+                _bucket(k.shape[1]), _bucket(batch * heads))
+    return pick_config(key, candidate_configs(head_dim, q.dtype),
+                       lambda cfg: _launch(q, k, v, softmax_scale, causal, cfg))
+
+
+def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scale: float,
+              causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention forward: out (B, Sq, H, D) like q, and lse float32 (B, H, Sq), natural log.
+
+    q is (B, Sq, H, D), k and v (B, Sk, H_kv, D) with H % H_kv == 0; fp16, bf16 or float32 on CUDA
+    (or CPU under TRITON_INTERPRET=1); D a multiple of 8 up to 256. ``causal`` is the top-left mask
+    and needs Sq == Sk.
+    """
+    check_qkv(q, k, v, causal=causal, dtypes=(torch.float16, torch.bfloat16, torch.float32),
+              max_head_dim=256, head_dim_multiple=8)
+    if softmax_scale is None:
+        raise TypeError("softmax_scale must be a positive float, got None")
+    softmax_scale = resolve_scale(softmax_scale, q.shape[-1])
+    if not q.is_cuda and not _INTERPRET:
+        raise ValueError(f"flash_fwd needs CUDA tensors (or TRITON_INTERPRET=1 at import), got {q.device}")
+    q, k, v = (t if _tma_ready(t) else t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
+    cfg = _choose_config(q, k, v, softmax_scale, causal)
+    log.debug("flash_fwd %s %s causal=%s with %s", tuple(q.shape), q.dtype, causal, cfg)
+    return _launch(q, k, v, softmax_scale, causal, cfg)

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from fa3dist.config import LaunchOptions
 
-from .errors import RankFailedError
+from .errors import GRACE_S, Failure, blame
 from .worker import run_worker
 
 log = logging.getLogger("fa3dist.launch")
@@ -51,35 +51,28 @@ def launch_local(cfg: LaunchOptions, world_size: int) -> dict[str, Any]:
     for proc in procs:
         proc.start()
     done: dict[int, Any] = {}
+    failures: list[Failure] = []
+    deadline = None
     try:
-        while len(done) < world_size:
+        while len(done) < world_size and (deadline is None or time.monotonic() < deadline):
             try:
-                rank, ok, payload = results.get(timeout=0.2)
+                rank, ok, payload = results.get(timeout=0.1)
+                if ok:
+                    done[rank] = payload
+                else:
+                    failures.append(Failure(rank, False, payload))
             except queue.Empty:
-                for rank, proc in enumerate(procs):
-                    if rank not in done and proc.exitcode not in (None, 0):
-                        time.sleep(0.5)  # its traceback may still be in the queue
-                        _drain_failures(results)
-                        raise RankFailedError(rank, f"process exited with code {proc.exitcode}")
-                continue
-            if not ok:
-                raise RankFailedError(rank, payload)
-            done[rank] = payload
+                reported = set(done) | {f.rank for f in failures}
+                failures += [Failure(r, True, f"process exited with code {p.exitcode}") for r, p in enumerate(procs)
+                             if r not in reported and p.exitcode not in (None, 0)]
+            if failures and deadline is None:
+                deadline = time.monotonic() + GRACE_S
+        if failures:
+            reported = set(done) | {f.rank for f in failures}
+            raise blame(failures, silent=[r for r, p in enumerate(procs) if r not in reported and p.is_alive()])
+        return done[0]
     finally:
         for proc in procs:
-            if proc.is_alive() and (len(done) < world_size):
+            if proc.is_alive():
                 proc.kill()
-        for proc in procs:
             proc.join(timeout=30)
-    return done[0]
-
-
-def _drain_failures(results: Any) -> None:
-    """Raise the first reported failure still waiting in the queue, if any."""
-    while True:
-        try:
-            rank, ok, payload = results.get_nowait()
-        except queue.Empty:
-            return
-        if not ok:
-            raise RankFailedError(rank, payload)

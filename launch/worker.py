@@ -3,11 +3,12 @@
 ``run_worker(cfg)`` reads torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT), picks the device, opens the process group (NCCL on CUDA, gloo on CPU) with the
 config's timeout, writes this rank's log to ``<out>/rank<r>.log``, runs the job that the config
-belongs to, and returns its result. Without that environment it runs as one process.
+belongs to, and returns its result; rank 0 also writes it to ``<out>/result.json``. Without that environment it runs as one process.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -69,7 +70,10 @@ def run_worker(cfg: LaunchOptions) -> dict[str, Any]:
                                 device_id=device if device.type == "cuda" else None)
         log.info("process group up: rank %d of %d on %s", rank, world_size, device)
     try:
-        return job_for(cfg)(cfg, RankContext(rank, world_size, local_rank, device))
+        result = job_for(cfg)(cfg, RankContext(rank, world_size, local_rank, device))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if rank == 0:
+        (Path(cfg.out) / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    return result

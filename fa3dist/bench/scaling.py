@@ -1,0 +1,253 @@
+"""``fa3dist bench scaling``: weak and strong scaling of the ring over world sizes, against one GPU
+and against PyTorch's own context parallel, with the overlap of communication measured.
+
+It runs as a launcher job on max(world_sizes) ranks. For every measured (W, S) point — weak
+scaling (S = W x tokens per rank) and strong scaling (fixed S) — and every causal setting and pass:
+- "fa3dist" at world_size W: ``ring_fa3_attention`` over the first W ranks (zigzag);
+- the same schedule without communication (``LoopbackRing``): overlap_efficiency = its time / the
+  ring's time;
+- "fa3dist" at world_size 1: one kernel call over the whole S on one GPU, the ideal;
+- "torch_cp": ``context_parallel`` on the same problem and ranks, each rotate method, the better
+  one reported and named in the row.
+Each time is the slowest rank's median. "tflops" is per GPU: the whole problem's FLOPs / W / time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from fa3dist.api import attention, ring_fa3_attention
+from fa3dist.config import LaunchOptions
+from fa3dist.kernels import BACKEND_NAMES, get_backend
+from fa3dist.kernels.checks import resolve_scale
+from fa3dist.kernels.numerics import relative_error
+from fa3dist.layout import shard_sequence
+from fa3dist.ring import LoopbackRing
+from fa3dist.ring.schedule import LAYOUTS
+
+from .common import DTYPES, attention_flops, gpu_tag, markdown_table, run_meta, time_ms_events, write_results
+from .torch_cp import ROTATE_METHODS, cp_attention
+
+log = logging.getLogger("fa3dist.bench")
+
+
+@dataclass
+class ScalingConfig(LaunchOptions):
+    """What ``fa3dist bench scaling`` measures."""
+
+    world_sizes: list[int] = field(default_factory=lambda: [1, 2, 4])
+    tokens_per_rank: list[int] = field(default_factory=lambda: [8192, 16384, 32768, 65536])  # weak scaling
+    strong_seq_lens: list[int] = field(default_factory=list)  # strong scaling: fixed total S
+    batch: int = 1
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    dtype: str = "bfloat16"
+    causal: list[bool] = field(default_factory=lambda: [True, False])
+    passes: list[str] = field(default_factory=lambda: ["fwd", "fwd+bwd"])
+    layout: str = "zigzag"
+    backend: str = "auto"
+    torch_cp: bool = True
+    cp_rotate_methods: list[str] = field(default_factory=lambda: list(ROTATE_METHODS))
+    cp_backend: str = "cudnn"
+    repeat: int = 1
+    min_iters: int = 2
+    max_iters: int = 10
+    budget_ms: float = 1500.0
+    results_dir: str = "bench/results"
+    plot: bool = False
+    launcher: str = "local"  # recorded in the results; set by the CLI
+    command: str = ""  # the driver's command line, recorded in the results; set by the CLI
+    seed: int = 0
+
+    def check(self) -> None:
+        super().check()
+        if not self.world_sizes or min(self.world_sizes) < 1:
+            raise ValueError(f"key 'world_sizes' must list sizes >= 1, got {self.world_sizes}")
+        if self.world_size is not None and self.world_size < max(self.world_sizes):
+            raise ValueError(f"key 'world_size' ({self.world_size}) is below max(world_sizes)")
+        for name, allowed in (("dtype", DTYPES), ("layout", LAYOUTS), ("backend", BACKEND_NAMES),
+                              ("cp_backend", ("cudnn", "flash"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"key {name!r} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for p in self.passes:
+            if p not in ("fwd", "fwd+bwd"):
+                raise ValueError(f"key 'passes': {p!r} is not fwd or fwd+bwd")
+        for m in self.cp_rotate_methods:
+            if m not in ROTATE_METHODS:
+                raise ValueError(f"key 'cp_rotate_methods': {m!r} is not one of {', '.join(ROTATE_METHODS)}")
+        for w, s in self.points():
+            chunks = 2 * w if self.layout == "zigzag" else w
+            if s % chunks:
+                raise ValueError(f"sequence length {s} does not split into {chunks} chunks at world size {w}")
+        if self.repeat < 1:
+            raise ValueError(f"key 'repeat' must be at least 1, got {self.repeat}")
+
+    def points(self) -> list[tuple[int, int]]:
+        """Every (world_size, total S) to measure: weak-scaling points, strong-scaling points, and
+        the one-GPU run of every S."""
+        pts = {(w, w * t) for w in self.world_sizes for t in self.tokens_per_rank}
+        pts |= {(w, s) for w in self.world_sizes for s in self.strong_seq_lens}
+        pts |= {(1, s) for _, s in pts}
+        return sorted(pts, key=lambda p: (p[1], p[0]))
+
+
+def _slowest(ms: float, group: dist.ProcessGroup | None, device: torch.device) -> float:
+    t = torch.tensor([ms], device=device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.item()
+
+
+def _step(call, do: torch.Tensor, with_backward: bool):
+    def run() -> None:
+        out = call()
+        if with_backward:
+            out.backward(do)
+    return run
+
+
+def _measure_point(cfg: ScalingConfig, ctx, world: int, seq: int, causal: bool, pass_: str,
+                   group: dist.ProcessGroup | None) -> list[dict[str, Any]]:
+    """Rows for one (W, S, causal, pass); ranks >= W return nothing."""
+    if ctx.rank >= world:
+        return []
+    dtype, device = DTYPES[cfg.dtype], ctx.device
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + seq)  # the same full inputs on every rank
+    full = [torch.randn(cfg.batch, seq, h, cfg.head_dim, device=device, dtype=dtype, generator=gen)
+            for h in (cfg.heads, cfg.kv_heads, cfg.kv_heads, cfg.heads)]
+    backend = get_backend(cfg.backend, device)
+    scale = resolve_scale(None, cfg.head_dim)
+    with_backward = pass_ == "fwd+bwd"
+    timing = dict(min_iters=cfg.min_iters, max_iters=cfg.max_iters, budget_ms=cfg.budget_ms)
+    if world > 1:
+        timing.update(barrier=lambda: dist.barrier(group=group), agree=lambda ms: _slowest(ms, group, device))
+    base = {"dtype": cfg.dtype, "B": cfg.batch, "H": cfg.heads, "Hkv": cfg.kv_heads, "S": seq, "D": cfg.head_dim,
+            "causal": causal, "pass": pass_, "world_size": world, "tokens_per_rank": seq // world,
+            "layout": cfg.layout}
+    flops = attention_flops(cfg.batch, cfg.heads, seq, cfg.head_dim, causal, pass_)
+    q, k, v, do = (shard_sequence(t, world_size=world, rank=ctx.rank, layout=cfg.layout).requires_grad_(i < 3)
+                   for i, t in enumerate(full))
+    rows = []
+    if world == 1:
+        ms = time_ms_events(_step(lambda: attention(q, k, v, LoopbackRing(0, 1), causal=causal, softmax_scale=scale,
+                                                    layout=cfg.layout, backend=backend)[0], do, with_backward),
+                            **timing)
+        return [{**base, "impl": "fa3dist", "backend": backend.name, "ms": ms, "tflops": flops / ms / 1e9,
+                 "overlap_efficiency": 1.0}]
+    ring_out = ring_fa3_attention(q, k, v, causal=causal, group=group, layout=cfg.layout, backend=cfg.backend)
+    ring_ms = _slowest(time_ms_events(_step(lambda: ring_fa3_attention(
+        q, k, v, causal=causal, group=group, layout=cfg.layout, backend=cfg.backend), do, with_backward),
+        **timing), group, device)
+    alone_ms = _slowest(time_ms_events(_step(lambda: attention(
+        q, k, v, LoopbackRing(ctx.rank, world), causal=causal, softmax_scale=scale, layout=cfg.layout,
+        backend=backend)[0], do, with_backward), **timing), group, device)
+    rows.append({**base, "impl": "fa3dist", "backend": backend.name, "ms": ring_ms,
+                 "tflops": flops / world / ring_ms / 1e9, "overlap_efficiency": alone_ms / ring_ms,
+                 "no_comm_ms": alone_ms})
+    if cfg.torch_cp and device.type == "cuda":
+        best = None
+        for rotate in cfg.cp_rotate_methods:
+            bhsd = [t.transpose(1, 2).contiguous() for t in full]
+            try:
+                with cp_attention(*bhsd, group=group, causal=causal, rotate=rotate, sdpa_backend=cfg.cp_backend,
+                                  with_backward=with_backward) as (cp_step, cp_out):
+                    ms = _slowest(time_ms_events(cp_step, **timing), group, device)
+                    # with load balancing CP holds the zigzag shards, the same rows as our causal ring
+                    err = relative_error(cp_out.transpose(1, 2), ring_out) if causal else None
+            except Exception as exc:  # report a failing peer, keep measuring
+                log.warning("torch_cp %s failed at %s: %s", rotate, base, exc)
+                rows.append({**base, "impl": "torch_cp", "rotate": rotate, "ms": None, "tflops": None,
+                             "error": str(exc)[:300]})
+                continue
+            if best is None or ms < best["ms"]:
+                best = {**base, "impl": "torch_cp", "rotate": rotate, "cp_backend": cfg.cp_backend,
+                        "gqa": "native" if cfg.kv_heads != cfg.heads else "mha", "ms": ms,
+                        "tflops": flops / world / ms / 1e9, "rel_err_vs_fa3dist": err}
+            del bhsd
+        if best is not None:
+            rows.append(best)
+    return rows
+
+
+def _derive(rows: list[dict[str, Any]]) -> None:
+    """Add efficiency against one GPU and the ratio to torch_cp to each ring row."""
+    def key(r):
+        return (r["S"], r["causal"], r["pass"])
+
+    one_gpu = {key(r): r["tflops"] for r in rows if r["impl"] == "fa3dist" and r["world_size"] == 1}
+    cp = {(*key(r), r["world_size"]): r["tflops"] for r in rows if r["impl"] == "torch_cp" and r.get("tflops")}
+    for r in rows:
+        if r["impl"] == "fa3dist" and r["world_size"] > 1:
+            ideal, peer = one_gpu.get(key(r)), cp.get((*key(r), r["world_size"]))
+            r["efficiency_vs_one_gpu"] = r["tflops"] / ideal if ideal else None
+            r["ratio_to_torch_cp"] = r["tflops"] / peer if peer else None
+
+
+def scaling_markdown(rows: list[dict[str, Any]]) -> str:
+    """Weak and strong scaling tables."""
+    header = ["causal", "pass", "W", "S", "tokens/rank", "fa3dist TFLOP/s/GPU", "vs one GPU", "overlap eff.",
+              "torch_cp TFLOP/s/GPU", "torch_cp rotate", "fa3dist/torch_cp"]
+    cp = {(r["S"], r["causal"], r["pass"], r["world_size"]): r for r in rows if r["impl"] == "torch_cp" and r.get("tflops")}
+    body = []
+    for r in sorted((r for r in rows if r["impl"] == "fa3dist"),
+                    key=lambda r: (not r["causal"], r["pass"], r["tokens_per_rank"], r["world_size"])):
+        peer = cp.get((r["S"], r["causal"], r["pass"], r["world_size"]), {})
+        body.append(["yes" if r["causal"] else "no", r["pass"], r["world_size"], r["S"], r["tokens_per_rank"],
+                     r["tflops"], r.get("efficiency_vs_one_gpu"), r.get("overlap_efficiency"), peer.get("tflops"),
+                     peer.get("rotate"), r.get("ratio_to_torch_cp")])
+    note = ("Rows with W = 1 are one kernel call over the whole S on one GPU. \"vs one GPU\" divides the "
+            "per-GPU TFLOP/s by that of the W = 1 row with the same S (weak-scaling efficiency). "
+            "\"overlap eff.\" is the time of the same schedule without communication over the real time.")
+    return note + "\n\n" + markdown_table(header, body)
+
+
+def run_scaling(cfg: ScalingConfig, ctx) -> dict[str, Any]:
+    """The scaling job on one rank; rank 0 writes the results and returns them."""
+    world_max = max(cfg.world_sizes)
+    if ctx.world_size < world_max:
+        raise ValueError(f"the scaling job needs {world_max} ranks (max of world_sizes); it has {ctx.world_size}")
+    groups = {w: (dist.new_group(list(range(w))) if w > 1 else None) for w in sorted(set(cfg.world_sizes) | {1})}
+    todo = [(rep, causal, w, s, p) for rep in range(cfg.repeat) for causal in cfg.causal
+            for w, s in cfg.points() for p in cfg.passes]
+    rows: list[dict[str, Any]] = []
+    for rep, causal, world, seq, pass_ in tqdm(todo, desc="bench scaling", unit="point", disable=ctx.rank != 0):
+        for row in _measure_point(cfg, ctx, world, seq, causal, pass_, groups.get(world)):
+            rows.append({**row, "repeat": rep})
+        torch.cuda.empty_cache() if ctx.device.type == "cuda" else None
+        if ctx.world_size > 1:
+            dist.barrier()
+    result: dict[str, Any] = {"job": "scaling"}
+    if ctx.rank == 0:
+        _derive(rows)
+        meta = run_meta(ctx.world_size, launcher=cfg.launcher, config=dataclasses.asdict(cfg))
+        meta["command"] = cfg.command or meta["command"]
+        stem = f"scaling-{gpu_tag(meta)}x{ctx.world_size}-{meta['date']}-{cfg.launcher}"
+        paths = [str(p) for p in write_results(cfg.results_dir, stem, meta, rows, scaling_markdown(rows))]
+        if cfg.plot:
+            paths += plot_scaling(rows, cfg.results_dir, stem, cfg.tokens_per_rank)
+        result.update(paths=paths, rows=rows)
+    return result
+
+
+def plot_scaling(rows: list[dict[str, Any]], out_dir: str, stem: str, tokens_per_rank: list[int]) -> list[str]:
+    """Per-GPU TFLOP/s and weak-scaling efficiency against world size, one panel per (causal, pass)."""
+    from .plot import plot_lines
+
+    weak = [dict(r, series=f"{r['impl']} {r['tokens_per_rank'] // 1024}K/rank") for r in rows
+            if r.get("tflops") and r["tokens_per_rank"] in tokens_per_rank]
+    paths = [plot_lines(weak, f"{out_dir}/{stem}-tflops.png", x="world_size", y="tflops", series=["series"],
+                        panels=["causal", "pass"], title="weak scaling: TFLOP/s per GPU", xlabel="world size",
+                        ylabel="TFLOP/s per GPU")]
+    eff = [r for r in weak if r["impl"] == "fa3dist" and r["world_size"] > 1]
+    paths.append(plot_lines(eff, f"{out_dir}/{stem}-efficiency.png", x="world_size", y="efficiency_vs_one_gpu",
+                            series=["series"], panels=["causal", "pass"],
+                            title="weak-scaling efficiency (per-GPU TFLOP/s / one GPU)", xlabel="world size",
+                            ylabel="efficiency"))
+    return paths

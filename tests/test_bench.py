@@ -1,0 +1,61 @@
+"""Benchmark plumbing that runs without a GPU: FLOP counts, tables, configs and the ring bench on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fa3dist.bench.common import attention_flops, gpu_tag
+from fa3dist.bench.kernel import KernelBenchConfig, kernel_markdown
+from fa3dist.bench.ring import RingBenchConfig, write_ring_results
+from fa3dist.config import ConfigError, load_config
+
+
+def test_flops_follow_the_flashattention_count():
+    fwd = attention_flops(2, 16, 4096, 128, False, "fwd")
+    assert fwd == 4 * 2 * 16 * 4096 ** 2 * 128
+    assert attention_flops(2, 16, 4096, 128, True, "fwd") == fwd / 2
+    assert attention_flops(2, 16, 4096, 128, False, "bwd") == 2.5 * fwd
+    assert attention_flops(2, 16, 4096, 128, True, "fwd+bwd") == 3.5 * fwd / 2
+
+
+def test_gpu_tag():
+    assert gpu_tag({"gpu": "NVIDIA H100 80GB HBM3"}) == "h100"
+    assert gpu_tag({"gpu": "NVIDIA H200"}) == "h200"
+
+
+def test_shipped_bench_configs_load():
+    kernel = load_config(KernelBenchConfig, "configs/bench_kernel.yaml")
+    assert len(kernel.cells()) == 3 * 6 * 2 + 2
+    ring = load_config(RingBenchConfig, "configs/bench_ring.yaml")
+    assert ring.world_sizes == [2, 4, 8] and ring.seq_len == 131072
+
+
+def test_kernel_config_rejects_bad_cells():
+    with pytest.raises(ConfigError, match="does not divide tokens"):
+        load_config(KernelBenchConfig, None, ["seq_lens=[3000]"])
+    with pytest.raises(ConfigError, match="extra_cells"):
+        load_config(KernelBenchConfig, None, ["extra_cells=[[float16, 128]]"])
+
+
+def test_kernel_markdown_ratio():
+    rows = [{"impl": i, "dtype": "bfloat16", "pass": "fwd", "D": 128, "S": 16384, "causal": True, "tflops": t}
+            for i, t in (("fa3dist", 600.0), ("cudnn", 500.0), ("flash2", 300.0))]
+    md = kernel_markdown(rows)
+    assert "| 128 | 16384 | yes | 600 | 500 | 300 | 1.2 |" in md
+
+
+def test_ring_bench_runs_on_cpu_and_writes_results(tmp_path):
+    cfg = load_config(RingBenchConfig, None, ["device=cpu", "backend=reference", "dtype=float32", "seq_len=96",
+                                              "heads=4", "kv_heads=2", "head_dim=16", "world_sizes=[2, 3]"])
+    paths = write_ring_results(cfg, str(tmp_path), plot=True)
+    data = json.loads(open(next(p for p in paths if p.endswith(".json"))).read())
+    assert {"gpu", "torch", "triton", "cuda", "nccl", "world_size", "date", "command"} <= set(data["meta"])
+    rows = data["rows"]
+    assert sorted({(r["world_size"], r["pass"]) for r in rows}) == [
+        (1, "fwd"), (1, "fwd+bwd"), (2, "fwd"), (2, "fwd+bwd"), (3, "fwd"), (3, "fwd+bwd")]
+    for row in rows:
+        assert row["rel_err_vs_monolithic"] < 1e-5 and row["tflops"] > 0
+        assert {"impl", "pass", "dtype", "B", "H", "Hkv", "S", "D", "causal", "ms", "tflops"} <= set(row)
+    assert any(p.endswith(".png") for p in paths)
