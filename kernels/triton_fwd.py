@@ -229,7 +229,9 @@ def candidate_configs(head_dim: int, dtype: torch.dtype) -> list[Config]:
 
 
 def _bucket(n: int) -> int:
-    return triton.next_power_of_2(max(n, 1))
+    """Tuning bucket of a length: powers of two up to 16K; longer problems reuse the 16K choice
+    (a tuning pass over every candidate at S = 256K would cost minutes)."""
+    return min(triton.next_power_of_2(max(n, 1)), 16384)
 
 
 def _choose_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
@@ -238,7 +240,7 @@ def _choose_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sc
         return SMALL_CONFIG
     batch, seq_q, heads, head_dim = q.shape
     key: Any = ("triton_fwd", str(q.device), q.dtype, head_dim, causal, _bucket(seq_q),
-                _bucket(k.shape[1]), _bucket(batch * heads))
+                _bucket(k.shape[1]), min(triton.next_power_of_2(batch * heads), 64))
     return pick_config(key, candidate_configs(head_dim, q.dtype),
                        lambda cfg: _launch(q, k, v, softmax_scale, causal, cfg))
 

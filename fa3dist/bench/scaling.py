@@ -217,19 +217,22 @@ def run_scaling(cfg: ScalingConfig, ctx) -> dict[str, Any]:
     todo = [(rep, causal, w, s, p) for rep in range(cfg.repeat) for causal in cfg.causal
             for w, s in cfg.points() for p in cfg.passes]
     rows: list[dict[str, Any]] = []
+    meta = run_meta(ctx.world_size, launcher=cfg.launcher, config=dataclasses.asdict(cfg))
+    meta["command"] = cfg.command or meta["command"]
+    stem = f"scaling-{gpu_tag(meta)}x{ctx.world_size}-{meta['date']}-{cfg.launcher}"
+    paths: list[str] = []
     for rep, causal, world, seq, pass_ in tqdm(todo, desc="bench scaling", unit="point", disable=ctx.rank != 0):
         for row in _measure_point(cfg, ctx, world, seq, causal, pass_, groups.get(world)):
             rows.append({**row, "repeat": rep})
-        torch.cuda.empty_cache() if ctx.device.type == "cuda" else None
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if ctx.rank == 0:  # rewrite after every point: a cut-short run keeps what it measured
+            _derive(rows)
+            paths = [str(p) for p in write_results(cfg.results_dir, stem, meta, rows, scaling_markdown(rows))]
         if ctx.world_size > 1:
             dist.barrier()
     result: dict[str, Any] = {"job": "scaling"}
     if ctx.rank == 0:
-        _derive(rows)
-        meta = run_meta(ctx.world_size, launcher=cfg.launcher, config=dataclasses.asdict(cfg))
-        meta["command"] = cfg.command or meta["command"]
-        stem = f"scaling-{gpu_tag(meta)}x{ctx.world_size}-{meta['date']}-{cfg.launcher}"
-        paths = [str(p) for p in write_results(cfg.results_dir, stem, meta, rows, scaling_markdown(rows))]
         if cfg.plot:
             paths += plot_scaling(rows, cfg.results_dir, stem, cfg.tokens_per_rank)
         result.update(paths=paths, rows=rows)

@@ -29,9 +29,7 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring, 
     if ring.world_size == 1:
         return backend.fwd(q, k, v, softmax_scale=softmax_scale, causal=causal)
     acc = accumulation_dtype(q.dtype)
-    batch, seq, heads, _ = q.shape
-    out = torch.zeros(q.shape, dtype=acc, device=q.device)
-    lse = torch.full((batch, heads, seq), float("-inf"), dtype=acc, device=q.device)
+    seq = q.shape[1]
     kv = torch.stack((k, v))
     for step in range(ring.world_size):
         pending = ring.send_recv([kv]) if step < ring.world_size - 1 else None
@@ -40,7 +38,11 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring, 
         if task is not None:
             out_b, lse_b = backend.fwd(q[:, task.q_rows], kv[0][:, task.kv_rows], kv[1][:, task.kv_rows],
                                        softmax_scale=softmax_scale, causal=task.causal)
-            merge_block_(out[:, task.q_rows], lse[:, :, task.q_rows], out_b, lse_b)
+            if step == 0:  # the local block covers every query row: it starts the accumulation
+                out = out_b.to(acc, memory_format=torch.contiguous_format)
+                lse = lse_b.to(acc, copy=True)
+            else:
+                merge_block_(out[:, task.q_rows], lse[:, :, task.q_rows], out_b, lse_b)
         if pending is not None:
             (kv,) = pending.wait()
     return out.to(q.dtype), lse

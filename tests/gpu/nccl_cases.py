@@ -9,6 +9,15 @@ from fa3dist.kernels.numerics import relative_error
 from fa3dist.kernels.reference import reference_bwd, reference_fwd
 
 
+CASES = [(backend, layout, causal) for backend in ("cudnn", "flash2", "triton")
+         for layout, causal in (("zigzag", True), ("contiguous", True), ("zigzag", False))]
+
+
+def all_cases(rank: int, world_size: int) -> dict[tuple, dict[str, tuple]]:
+    """``ring_vs_single`` for every case, in one process group."""
+    return {case: ring_vs_single(rank, world_size, *case) for case in CASES}
+
+
 def ring_vs_single(rank: int, world_size: int, backend: str, layout: str, causal: bool) -> dict[str, tuple]:
     """(ring error, single-GPU error) against float64 math for out, dq, dk, dv on this rank's shard."""
     seq, heads, kv_heads, dim = 512 * world_size, 8, 2, 128

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -13,11 +15,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.multigpu,
               pytest.mark.skipif(GPUS < 2, reason="needs 2 or more GPUs")]
 
 
+@functools.cache
+def _errors(world_size: int) -> list[dict]:
+    return run_ranks(nccl_cases.all_cases, world_size, backend="nccl", timeout_s=600)
+
+
 @pytest.mark.parametrize("world_size", sorted({2, min(GPUS, 4)}))
-@pytest.mark.parametrize("backend", ["cudnn", "flash2", "triton"])
-@pytest.mark.parametrize("layout,causal", [("zigzag", True), ("contiguous", True), ("zigzag", False)])
-def test_nccl_ring_error_tracks_single_gpu(world_size, backend, layout, causal):
-    results = run_ranks(nccl_cases.ring_vs_single, world_size, backend, layout, causal, backend="nccl")
-    for rank, errors in enumerate(results):
-        for name, (ring_err, single_err) in errors.items():
+@pytest.mark.parametrize("case", nccl_cases.CASES, ids=lambda c: "-".join(map(str, c)))
+def test_nccl_ring_error_tracks_single_gpu(world_size, case):
+    for rank, per_case in enumerate(_errors(world_size)):
+        for name, (ring_err, single_err) in per_case[case].items():
             assert ring_err <= 1.5 * single_err + 1e-3, f"rank {rank} {name}: ring {ring_err}, one GPU {single_err}"
