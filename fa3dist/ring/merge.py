@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from fa3dist.kernels.merge import merge_block_fused_
-
 
 def merge_block_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
     """Fold a block's (out_b, lse_b) into the running (out, lse), in place.
@@ -14,11 +12,7 @@ def merge_block_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_
     (float32 or float64). Implements
     ``out -= sigmoid(lse_b - lse) * (out - out_b)`` and ``lse = logaddexp(lse, lse_b)``.
     A row that has seen no key has lse = -inf; merging another empty row keeps it empty (no NaN).
-    On CUDA it runs as one fused Triton kernel (``fa3dist.kernels.merge``); elsewhere in PyTorch.
     """
-    if out.is_cuda:
-        merge_block_fused_(out, lse, out_b, lse_b)
-        return
     diff = torch.nan_to_num(lse_b - lse, nan=float("-inf"))  # -inf - -inf: nothing to add
     weight = torch.sigmoid(diff).transpose(1, 2).unsqueeze(-1)
     out.sub_(weight * (out - out_b))
