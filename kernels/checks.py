@@ -55,8 +55,11 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
 def resolve_scale(softmax_scale: float | None, head_dim: int) -> float:
     """Return ``softmax_scale``, or 1/sqrt(head_dim) when it is None, after checking it."""
-    if softmax_scale is None:
-        return 1.0 / math.sqrt(head_dim)
+    return 1.0 / math.sqrt(head_dim) if softmax_scale is None else check_scale(softmax_scale)
+
+
+def check_scale(softmax_scale: float) -> float:
+    """``softmax_scale`` as a float, after checking that it is a positive finite number."""
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
     if not math.isfinite(softmax_scale) or softmax_scale <= 0:

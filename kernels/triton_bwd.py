@@ -42,10 +42,10 @@ import torch
 import triton
 import triton.language as tl
 from triton import knobs
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .autotune import Config, pick_config
-from .checks import check_bwd_inputs, check_qkv
+from . import tma
+from .checks import check_bwd_inputs, check_qkv, check_scale
 
 log = logging.getLogger("fa3dist.kernels")
 
@@ -55,11 +55,6 @@ BWD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ROW_PAD = 128  # lse2/delta rows are padded to this; no config block may exceed it
 _PRE_BLOCK = 32  # rows per preprocess program
 _INTERPRETED = knobs.runtime.interpret  # decided when the kernels below are decorated
-
-
-def _block_d(head_dim: int) -> int:
-    """The head dim padded to a power of two (at least 16, the smallest dot size)."""
-    return max(16, triton.next_power_of_2(head_dim))
 
 
 def _config(block_n: int, block_m: int, num_warps: int, num_stages: int, dq: str) -> Config:
@@ -263,32 +258,7 @@ class _Problem:
 
     @property
     def block_d(self) -> int:
-        return _block_d(self.q.shape[3])
-
-
-def _tma_ready(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when a tensor descriptor can address it, else a fresh contiguous (aligned) copy."""
-    item = t.element_size()
-    aligned = t.data_ptr() % 16 == 0 and all((s * item) % 16 == 0 for s in t.stride()[:3])
-    if aligned and t.stride(3) == 1:
-        return t
-    log.debug("copying a %s tensor with strides %s for TMA", tuple(t.shape), t.stride())
-    return t.clone(memory_format=torch.contiguous_format)
-
-
-def _descriptor(t: torch.Tensor, rows: int, block_d: int) -> TensorDescriptor:
-    """4-D descriptor over ``t`` (B, S, H, D) addressed as (B, H, S, D); one tile is [rows, block_d]."""
-    batch, seq, heads, head_dim = t.shape
-    return TensorDescriptor(t, [batch, heads, seq, head_dim], [t.stride(0), t.stride(2), t.stride(1), 1],
-                            [1, 1, rows, block_d])
-
-
-def _check_scale(softmax_scale: float) -> float:
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float, got {type(softmax_scale).__name__}")
-    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
-        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
-    return float(softmax_scale)
+        return tma.block_d(self.q.shape[3])
 
 
 def _prepare(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -296,14 +266,14 @@ def _prepare(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """Check the inputs and run the preprocess kernel (delta, lse2)."""
     check_qkv(q, k, v, causal=causal, dtypes=BWD_DTYPES, max_head_dim=256, head_dim_multiple=8)
     check_bwd_inputs(do, q, out, lse)
-    scale = _check_scale(softmax_scale)
+    scale = check_scale(softmax_scale)
     if do.dtype != q.dtype:
         raise TypeError(f"do must have q's dtype {q.dtype}, got {do.dtype}")
     if lse.device != q.device:
         raise ValueError(f"lse is on {lse.device}; expected q's device {q.device}")
     if q.device.type != "cuda" and not _INTERPRETED:
         raise ValueError(f"the Triton backward needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
-    q, k, v, do = (_tma_ready(t) for t in (q, k, v, do))
+    q, k, v, do = (tma.tma_ready(t) for t in (q, k, v, do))
     if out.stride(3) != 1:
         out = out.contiguous()
     if lse.stride(2) != 1:
@@ -312,7 +282,7 @@ def _prepare(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     seq_pad = triton.cdiv(seq_q, _ROW_PAD) * _ROW_PAD
     delta = torch.empty(batch, heads, seq_pad, device=q.device, dtype=torch.float32)
     lse2 = torch.empty_like(delta)
-    block_d = _block_d(head_dim)
+    block_d = tma.block_d(head_dim)
     if delta.numel() == 0:
         return _Problem(do, q, k, v, lse2, delta, scale, causal)
     _bwd_preprocess[(seq_pad // _PRE_BLOCK, batch * heads)](
@@ -356,17 +326,17 @@ def _launch(p: _Problem, cfg: Config) -> tuple[torch.Tensor, torch.Tensor, torch
         dq_acc = torch.zeros(batch, heads, seq_q, head_dim, device=q.device, dtype=torch.float32).transpose(1, 2)
     key_mask = not p.causal and seq_k % block_n != 0 and mode != "separate"
     _bwd_dkdv_kernel[(triton.cdiv(seq_k, block_n), batch * kv_heads)](
-        _descriptor(q, block_m, block_d), _descriptor(k, block_n, block_d), _descriptor(v, block_n, block_d),
-        _descriptor(do, block_m, block_d), _descriptor(dk, block_n, block_d), _descriptor(dv, block_n, block_d),
-        _descriptor(dq_acc, block_m, block_d) if mode == "tma_reduce" else None,
+        tma.descriptor(q, block_m, block_d), tma.descriptor(k, block_n, block_d), tma.descriptor(v, block_n, block_d),
+        tma.descriptor(do, block_m, block_d), tma.descriptor(dk, block_n, block_d), tma.descriptor(dv, block_n, block_d),
+        tma.descriptor(dq_acc, block_m, block_d) if mode == "tma_reduce" else None,
         dq_acc if mode == "atomic" else None, p.lse2, p.delta,
         seq_q, seq_k, p.lse2.shape[2], heads, kv_heads, heads // kv_heads, *scales,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         CAUSAL=p.causal, KEY_MASK=key_mask, DQ=mode, PRECISION=precision, **launch)
     if mode == "separate":
         _bwd_dq_kernel[(triton.cdiv(seq_q, block_n), batch * heads)](
-            _descriptor(q, block_n, block_d), _descriptor(k, block_m, block_d), _descriptor(v, block_m, block_d),
-            _descriptor(do, block_n, block_d), _descriptor(dq, block_n, block_d), p.lse2, p.delta,
+            tma.descriptor(q, block_n, block_d), tma.descriptor(k, block_m, block_d), tma.descriptor(v, block_m, block_d),
+            tma.descriptor(do, block_n, block_d), tma.descriptor(dq, block_n, block_d), p.lse2, p.delta,
             seq_k, p.lse2.shape[2], heads, heads // kv_heads, *scales,
             BLOCK_Q=block_n, BLOCK_K=block_m, BLOCK_D=block_d,
             CAUSAL=p.causal, KEY_MASK=seq_k % block_m != 0, PRECISION=precision, **launch)
@@ -377,7 +347,7 @@ def _launch(p: _Problem, cfg: Config) -> tuple[torch.Tensor, torch.Tensor, torch
 
 def candidate_configs(head_dim: int) -> list[Config]:
     """The tuning candidates for ``head_dim``; the first is the conservative reference."""
-    return BWD_CONFIGS[max(64, _block_d(head_dim))]
+    return BWD_CONFIGS[max(64, tma.block_d(head_dim))]
 
 
 def _run(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,

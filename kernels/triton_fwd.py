@@ -7,10 +7,10 @@ whenever the maximum grows. The epilogue divides by ``l_i`` and stores out and t
 
 Where each technique lives:
 - TMA: every tile moves through a host ``TensorDescriptor`` over the (B, H, S, D) view of the 4-D
-  (B, S, H, D) tensor with block [1, 1, rows, BLOCK_D] (``_descriptor``). Out-of-bounds rows and the
+  (B, S, H, D) tensor with block [1, 1, rows, BLOCK_D] (``tma.descriptor``). Out-of-bounds rows and the
   columns past D (BLOCK_D is D rounded up to a power of two) are zero on load and clipped on store,
   so odd S and D need no masks on loads or stores. Views are used as they are when TMA can address
-  them (``_tma_ready``). K/V feed the tensor cores straight from the TMA buffers, and Q stays in
+  them (``tma.tma_ready``). K/V feed the tensor cores straight from the TMA buffers, and Q stays in
   shared memory.
 - exp2: log2(e) is folded into ``qk_scale`` on the host; the kernel works in base 2 and converts the
   LSE to natural log at the store.
@@ -40,10 +40,10 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .autotune import Config, pick_config
 from .checks import check_qkv, resolve_scale
+from .tma import block_d, descriptor, tma_ready
 
 log = logging.getLogger("fa3dist.kernels")
 
@@ -155,34 +155,6 @@ def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, seq_q, seq_k,
                      heads, group, num_m_blocks, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, PRECISION)
 
 
-def _block_d(head_dim: int) -> int:
-    """D rounded up to a power of two, at least 16 (the smallest tl.dot size)."""
-    return max(16, triton.next_power_of_2(head_dim))
-
-
-def _tma_ready(t: torch.Tensor) -> bool:
-    """Whether TMA can address ``t``: 16-byte aligned base and strides, unit last stride."""
-    elem = t.element_size()
-    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all(s * elem % 16 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1))
-
-
-def _descriptor(t: torch.Tensor, block_rows: int, block_d: int) -> TensorDescriptor:
-    """A descriptor over the (B, H, S, D) view of a (B, S, H, D) tensor, block [1, 1, rows, D].
-
-    With the two unit dims leading, the loaded tile is a plain matrix: Triton keeps Q in shared
-    memory for the tensor-core MMA instead of copying it to registers (as a [1, rows, 1, D] block
-    would). TMA takes the strides in any order. A size-1 dim's stride never addresses memory, so it
-    is replaced by an aligned one whatever torch reports.
-    """
-    view = t.transpose(1, 2)
-    strides = list(view.stride())
-    for dim in range(view.dim() - 2, -1, -1):
-        if view.shape[dim] == 1:
-            strides[dim] = strides[dim + 1] * view.shape[dim + 1]
-    return TensorDescriptor(view, list(view.shape), strides, [1, 1, block_rows, block_d])
-
-
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -193,7 +165,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     """Run the kernel with an explicit config on checked, TMA-ready inputs; returns (out, lse)."""
     batch, seq_q, heads, head_dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
-    block_m, block_n, block_d = cfg["BLOCK_M"], cfg["BLOCK_N"], _block_d(head_dim)
+    block_m, block_n, width = cfg["BLOCK_M"], cfg["BLOCK_N"], block_d(head_dim)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(batch, heads, seq_q, device=q.device, dtype=torch.float32)
     num_m_blocks = triton.cdiv(seq_q, block_m)
@@ -205,10 +177,10 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
         sms = _num_sms(q.device) if q.is_cuda else _INTERPRETER_PROGRAMS
         programs = min(num_tiles, sms)
     _fwd_kernel[(programs,)](
-        _descriptor(q, block_m, block_d), _descriptor(k, block_n, block_d), _descriptor(v, block_n, block_d),
-        _descriptor(out, block_m, block_d), lse, softmax_scale * LOG2E, seq_q, seq_k, heads,
+        descriptor(q, block_m, width), descriptor(k, block_n, width), descriptor(v, block_n, width),
+        descriptor(out, block_m, width), lse, softmax_scale * LOG2E, seq_q, seq_k, heads,
         heads // kv_heads, num_m_blocks, num_tiles,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=width, CAUSAL=causal,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         PERSISTENT=cfg["PERSISTENT"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
@@ -219,7 +191,7 @@ def candidate_configs(head_dim: int, dtype: torch.dtype) -> list[Config]:
 
     The first entry is always FWD_CONFIGS[0], the tuner's reference.
     """
-    tile_row_bytes = _block_d(head_dim) * torch.empty((), dtype=dtype).element_size()
+    tile_row_bytes = block_d(head_dim) * torch.empty((), dtype=dtype).element_size()
 
     def fits(cfg: Config) -> bool:
         rows = cfg["BLOCK_M"] + 2 * cfg["num_stages"] * cfg["BLOCK_N"]
@@ -260,7 +232,7 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scal
     softmax_scale = resolve_scale(softmax_scale, q.shape[-1])
     if not q.is_cuda and not _INTERPRET:
         raise ValueError(f"flash_fwd needs CUDA tensors (or TRITON_INTERPRET=1 at import), got {q.device}")
-    q, k, v = (t if _tma_ready(t) else t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
+    q, k, v = (tma_ready(t) for t in (q, k, v))
     cfg = _choose_config(q, k, v, softmax_scale, causal)
     log.debug("flash_fwd %s %s causal=%s with %s", tuple(q.shape), q.dtype, causal, cfg)
     return _launch(q, k, v, softmax_scale, causal, cfg)

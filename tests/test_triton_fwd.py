@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fa3dist.kernels import triton_fwd
+from fa3dist.kernels.tma import tma_addressable
 from fa3dist.kernels.autotune import relative_error
 from fa3dist.kernels.reference import reference_fwd
 from fa3dist.kernels.triton_fwd import FWD_CONFIGS, SMALL_CONFIG, _launch, candidate_configs, flash_fwd
@@ -82,7 +83,7 @@ def test_views_along_seq_and_transposed(causal: bool) -> None:
     k = _randn(2, 2, 3 * seq, head_dim, seed=21).transpose(1, 2)[:, seq:2 * seq]
     v = _randn(2, seq, 2, head_dim, seed=22)
     assert not q.is_contiguous() and not k.is_contiguous()
-    assert triton_fwd._tma_ready(q) and triton_fwd._tma_ready(k)
+    assert tma_addressable(q) and tma_addressable(k)
     out, lse = flash_fwd(q, k, v, softmax_scale=0.2, causal=causal)
     _assert_matches(q, k, v, out, lse, 0.2, causal)
 
@@ -93,7 +94,7 @@ def test_views_that_tma_cannot_address_are_copied() -> None:
     q = _randn(batch, seq, head_dim, heads, seed=30).transpose(2, 3)
     k = _randn(batch * seq * heads * head_dim + 1, seed=31)[1:].view(batch, seq, heads, head_dim)
     v = _randn(batch, seq, heads, head_dim, seed=32)
-    assert not triton_fwd._tma_ready(q) and not triton_fwd._tma_ready(k)
+    assert not tma_addressable(q) and not tma_addressable(k)
     out, lse = flash_fwd(q, k, v, softmax_scale=0.25, causal=False)
     _assert_matches(q, k, v, out, lse, 0.25, False)
 
@@ -102,7 +103,7 @@ def test_size_one_dims_with_odd_strides() -> None:
     """Strides of size-1 dims are irrelevant to addressing and must not block TMA."""
     q = _randn(1, 24, 1, 32, seed=40).as_strided((1, 24, 1, 32), (3, 32, 1, 1))
     k, v = _randn(1, 24, 1, 32, seed=41), _randn(1, 24, 1, 32, seed=42)
-    assert triton_fwd._tma_ready(q)
+    assert tma_addressable(q)
     out, lse = flash_fwd(q, k, v, softmax_scale=0.3, causal=True)
     _assert_matches(q, k, v, out, lse, 0.3, True)
 

@@ -15,6 +15,7 @@ from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
 from fa3dist.kernels import triton_fwd
+from fa3dist.kernels.tma import tma_addressable
 from fa3dist.kernels.autotune import relative_error
 from fa3dist.kernels.reference import reference_fwd
 from fa3dist.kernels.sdpa import cudnn_fwd
@@ -90,7 +91,7 @@ def test_views_and_fallback_copies(causal: bool) -> None:
     q = torch.randn(batch, 2 * seq, heads, head_dim, device="cuda", dtype=dtype)[:, seq:]
     k = torch.randn(batch, 2, seq, head_dim, device="cuda", dtype=dtype).transpose(1, 2)
     v = torch.randn(batch * seq * 2 * head_dim + 1, device="cuda", dtype=dtype)[1:].view(batch, seq, 2, head_dim)
-    assert triton_fwd._tma_ready(q) and triton_fwd._tma_ready(k) and not triton_fwd._tma_ready(v)
+    assert tma_addressable(q) and tma_addressable(k) and not tma_addressable(v)
     out, lse = flash_fwd(q, k, v, softmax_scale=0.1, causal=causal)
     ref_out, ref_lse = _reference(q, k, v, 0.1, causal)
     assert relative_error(out, ref_out) <= _error_bound(q, k, v.contiguous(), 0.1, causal, ref_out)
