@@ -15,5 +15,6 @@ def merge_block_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_
     """
     diff = torch.nan_to_num(lse_b - lse, nan=float("-inf"))  # -inf - -inf: nothing to add
     weight = torch.sigmoid(diff).transpose(1, 2).unsqueeze(-1)
-    out.sub_(weight * (out - out_b))
+    # out + weight * (out_b - out) in one pass over out (lerp needs out_b in out's dtype)
+    out.lerp_(out_b.to(out.dtype), weight)
     lse.copy_(torch.logaddexp(lse, lse_b))
