@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
 import dataclasses
-import json
 import logging
 import sys
 import time
@@ -13,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from .config import ConfigError, LaunchOptions, load_config
-from .launch.errors import RankFailedError
 from .demo import DTYPES, DemoConfig
 from .kernels import BACKEND_NAMES
+from .launch.errors import RankFailedError
 from .layout import num_chunks
 from .ring.schedule import LAYOUTS
 
@@ -51,8 +48,6 @@ def _format_table(header: list[str], rows: list[list[Any]]) -> str:
 
 def _launch(cfg: LaunchOptions, launcher: str, ray_address: str | None) -> dict[str, Any]:
     """Run ``cfg``'s job over ``cfg.world_size`` ranks with the chosen launcher; rank 0's result."""
-    from fa3dist.jobs import job_name
-
     if launcher == "local":
         from fa3dist.launch.local import launch_local
 
@@ -61,15 +56,9 @@ def _launch(cfg: LaunchOptions, launcher: str, ray_address: str | None) -> dict[
         from fa3dist.launch.ray_launcher import launch_ray
 
         return launch_ray(cfg, cfg.world_size, address=ray_address)
-    config_file = Path(cfg.out) / "config.yaml"
-    config_file.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.world_size}",
-           "-m", "fa3dist.launch.torchrun", job_name(cfg), "--config", str(config_file), "--run-dir", cfg.out]
-    print("running:", " ".join(cmd), flush=True)
-    code = subprocess.run(cmd).returncode
-    if code != 0:
-        raise RankFailedError(-1, f"torchrun exited with code {code}; its report above names the failing rank")
-    return json.loads((Path(cfg.out) / "result.json").read_text())
+    from fa3dist.launch.torchrun import launch_torchrun
+
+    return launch_torchrun(cfg, cfg.world_size)
 
 
 def _add_launch_args(parser: argparse.ArgumentParser, config_help: str) -> None:

@@ -12,9 +12,10 @@ GRACE_S = 2.0
 class RankFailedError(RuntimeError):
     """A rank raised or died; every other rank of the job was stopped."""
 
-    def __init__(self, rank: int, detail: str, others: int = 0):
+    def __init__(self, rank: int | None, detail: str, others: int = 0):
         also = f" ({others} other rank(s) failed after it)" if others else ""
-        super().__init__(f"rank {rank} failed{also}; the other ranks were stopped.\n{detail}")
+        who = "a rank" if rank is None else f"rank {rank}"
+        super().__init__(f"{who} failed{also}; the other ranks were stopped.\n{detail}")
         self.rank = rank
         self.detail = detail
 

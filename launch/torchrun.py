@@ -1,4 +1,5 @@
-"""torchrun entry: ``torchrun --nproc-per-node N -m fa3dist.launch.torchrun JOB --config X [--set k=v]``.
+"""torchrun entry: ``torchrun --nproc-per-node N -m fa3dist.launch.torchrun JOB --config X [--set k=v]``,
+and ``launch_torchrun``, which starts it for the CLI's ``--launcher torchrun``.
 
 Every rank builds the job's config and runs the same ``run_worker`` as the other launchers. Rank 0
 writes ``result.json`` to the run folder; per-rank logs go there too. torchrun stops all ranks
@@ -9,16 +10,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from fa3dist.config import load_config
-from fa3dist.jobs import config_class, job_names
+from fa3dist.config import LaunchOptions, load_config
+from fa3dist.jobs import config_class, job_name, job_names
 
+from .errors import RankFailedError
 from .worker import run_worker
+
+log = logging.getLogger("fa3dist.launch")
 
 
 @record
@@ -37,6 +47,23 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"rank 0 wrote {Path(run_dir) / 'result.json'}")
     return 0
+
+
+def launch_torchrun(cfg: LaunchOptions, world_size: int) -> dict[str, Any]:
+    """Run ``cfg``'s job under ``torchrun --standalone`` on this host; return rank 0's result.
+
+    torchrun stops every rank when one fails and prints that rank's error; this then raises
+    ``RankFailedError``.
+    """
+    config_file = Path(cfg.out) / "config.yaml"
+    config_file.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
+           "-m", "fa3dist.launch.torchrun", job_name(cfg), "--config", str(config_file), "--run-dir", cfg.out]
+    log.info("running %s", " ".join(cmd))
+    code = subprocess.run(cmd).returncode
+    if code != 0:
+        raise RankFailedError(None, f"torchrun exited with code {code}; its report above names the failing rank")
+    return json.loads((Path(cfg.out) / "result.json").read_text())
 
 
 if __name__ == "__main__":
