@@ -128,3 +128,12 @@ class LaunchOptions:
             raise ValueError(f"key 'device' must be auto, cuda or cpu, got {self.device!r}")
         if self.timeout_s <= 0:
             raise ValueError(f"key 'timeout_s' must be positive, got {self.timeout_s}")
+
+
+def check_choices(cfg: Any, choices: dict[str, Any]) -> None:
+    """Raise ValueError naming the key when ``cfg.<key>`` (or an item of a list value) is not in its choices."""
+    for key, allowed in choices.items():
+        value = getattr(cfg, key)
+        for item in value if isinstance(value, list) else [value]:
+            if item not in allowed:
+                raise ValueError(f"key {key!r} must be one of {', '.join(map(str, allowed))}, got {item!r}")

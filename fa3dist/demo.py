@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .api import fa3_attention, ring_fa3_attention
-from .config import LaunchOptions
+from .config import LaunchOptions, check_choices
 from .kernels import BACKEND_NAMES
 from .kernels.numerics import relative_error
 from .layout import shard_sequence, unshard_sequence
@@ -46,12 +46,7 @@ class DemoConfig(LaunchOptions):
         for key in ("batch", "seq_len", "heads", "kv_heads", "head_dim"):
             if getattr(self, key) < 1:
                 raise ValueError(f"key {key!r} must be at least 1, got {getattr(self, key)}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"key 'layout' must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
-        if self.backend not in BACKEND_NAMES:
-            raise ValueError(f"key 'backend' must be one of {', '.join(BACKEND_NAMES)}, got {self.backend!r}")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"key 'dtype' must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_choices(self, {"layout": LAYOUTS, "backend": BACKEND_NAMES, "dtype": ["auto", *DTYPES]})
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":

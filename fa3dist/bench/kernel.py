@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from fa3dist.config import check_choices
 from fa3dist.kernels.numerics import relative_error
 
 from .common import DTYPES, attention_flops, gpu_tag, markdown_table, run_meta, time_ms, write_results
@@ -52,12 +53,7 @@ class KernelBenchConfig:
         for s in self.seq_lens:
             if s < 1 or self.tokens % s:
                 raise ValueError(f"key 'seq_lens': {s} does not divide tokens={self.tokens}")
-        for name, values, allowed in (("dtypes", self.dtypes, DTYPES), ("passes", self.passes, ("fwd", "bwd")),
-                                      ("impls", self.impls, IMPLS)):
-            bad = [v for v in values if v not in allowed]
-            if bad:
-                raise ValueError(f"key {name!r}: unknown {bad}; choose from {', '.join(allowed)}")
-
+        check_choices(self, {"dtypes": DTYPES, "passes": ("fwd", "bwd"), "impls": IMPLS})
         for cell in self.extra_cells:
             if (len(cell) != 4 or cell[0] not in DTYPES or not isinstance(cell[1], int) or not isinstance(cell[2], int)
                     or not isinstance(cell[3], bool) or self.tokens % cell[2]):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from fa3dist.config import check_choices
 from fa3dist.kernels import BACKEND_NAMES, get_backend
 from fa3dist.kernels.checks import resolve_scale
 from fa3dist.kernels.numerics import relative_error
@@ -48,17 +49,8 @@ class RingBenchConfig:
     seed: int = 0
 
     def check(self) -> None:
-        if self.device not in ("cuda", "cpu"):
-            raise ValueError(f"key 'device' must be cuda or cpu, got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"key 'dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"key 'layout' must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
-        if self.backend not in BACKEND_NAMES:
-            raise ValueError(f"key 'backend' must be one of {', '.join(BACKEND_NAMES)}, got {self.backend!r}")
-        for p in self.passes:
-            if p not in ("fwd", "fwd+bwd"):
-                raise ValueError(f"key 'passes': {p!r} is not fwd or fwd+bwd")
+        check_choices(self, {"device": ("cuda", "cpu"), "dtype": DTYPES, "layout": LAYOUTS,
+                             "backend": BACKEND_NAMES, "passes": ("fwd", "fwd+bwd")})
         for w in self.world_sizes:
             chunks = 2 * w if self.layout == "zigzag" else w
             if w < 1 or self.seq_len % chunks:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from fa3dist.api import attention, ring_fa3_attention
-from fa3dist.config import LaunchOptions
+from fa3dist.config import LaunchOptions, check_choices
 from fa3dist.kernels import BACKEND_NAMES, get_backend
 from fa3dist.kernels.checks import resolve_scale
 from fa3dist.kernels.numerics import relative_error
@@ -73,16 +73,9 @@ class ScalingConfig(LaunchOptions):
             raise ValueError(f"key 'world_sizes' must list sizes >= 1, got {self.world_sizes}")
         if self.world_size is not None and self.world_size < max(self.world_sizes):
             raise ValueError(f"key 'world_size' ({self.world_size}) is below max(world_sizes)")
-        for name, allowed in (("dtype", DTYPES), ("layout", LAYOUTS), ("backend", BACKEND_NAMES),
-                              ("cp_backend", ("cudnn", "flash"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"key {name!r} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for p in self.passes:
-            if p not in ("fwd", "fwd+bwd"):
-                raise ValueError(f"key 'passes': {p!r} is not fwd or fwd+bwd")
-        for m in self.cp_rotate_methods:
-            if m not in ROTATE_METHODS:
-                raise ValueError(f"key 'cp_rotate_methods': {m!r} is not one of {', '.join(ROTATE_METHODS)}")
+        check_choices(self, {"dtype": DTYPES, "layout": LAYOUTS, "backend": BACKEND_NAMES,
+                             "cp_backend": ("cudnn", "flash"), "passes": ("fwd", "fwd+bwd"),
+                             "cp_rotate_methods": ROTATE_METHODS})
         for w, s in self.points():
             chunks = 2 * w if self.layout == "zigzag" else w
             if s % chunks:
