@@ -19,19 +19,23 @@ class Backend:
 
     ``fwd(q, k, v, *, softmax_scale, causal) -> (out, lse)``;
     ``bwd(do, q, k, v, out, lse, *, softmax_scale, causal) -> (dq, dk, dv)``.
+    A backend whose ``fwd`` also takes ``out=, lse=, accumulate=`` (write into given fp32 buffers,
+    or merge into the attention they hold) says so with ``fwd_accumulates``; the ring then merges
+    inside the kernel instead of in a separate pass.
     """
 
     name: str
     fwd: FwdFn
     bwd: BwdFn
     cuda_only: bool
+    fwd_accumulates: bool = False
 
 
 def _triton() -> Backend:
     from .triton_bwd import flash_bwd
     from .triton_fwd import flash_fwd
 
-    return Backend("triton", flash_fwd, flash_bwd, cuda_only=False)
+    return Backend("triton", flash_fwd, flash_bwd, cuda_only=False, fwd_accumulates=True)
 
 
 _FACTORIES: dict[str, Callable[[], Backend]] = {

@@ -24,6 +24,10 @@ Where each technique lives:
   tuner of ``autotune.py`` among ``FWD_CONFIGS`` (``candidate_configs``). There is no
   ``warp_specialize`` candidate: compiled for sm_90 with triton 3.6, it left this kernel unchanged with
   8 warps and failed to compile with 4.
+- Ring merge in the epilogue: with ``accumulate=True`` the kernel folds its block into a running
+  fp32 (out, lse) that it is handed (the ring's accumulator): the epilogue loads the previous out
+  tile and LSE, weighs both by their share of the merged LSE, and stores the merge in place. The
+  ring thus needs no merge pass over memory; rows that saw no key on either side stay 0 / -inf.
 - fp8 later: loads and dots are dtype-generic (P is cast to V's dtype); a Q·K descale would fold into
   ``qk_scale`` and a V descale into the epilogue's 1 / l_i.
 
@@ -43,11 +47,12 @@ import triton.language as tl
 
 from .autotune import Config, pick_config
 from .checks import check_qkv, resolve_scale
-from .tma import block_d, descriptor, tma_ready
+from .tma import block_d, descriptor, tma_addressable, tma_ready
 
 log = logging.getLogger("fa3dist.kernels")
 
 LOG2E = 1.4426950408889634
+_LOG2E: tl.constexpr = tl.constexpr(LOG2E)
 _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 _INTERPRET = bool(triton.knobs.runtime.interpret)  # fixed when the kernel below is decorated
 _SMEM_BYTES = 227 * 1024  # shared memory per block on H100/H200
@@ -105,9 +110,10 @@ def _kv_loop(acc, m_i, l_i, q, k_desc, v_desc, batch, kv_head, rows, lo, hi, seq
 
 
 @triton.jit
-def _attend_tile(tile, q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, seq_q, seq_k, heads, group,
-                 num_m_blocks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+def _attend_tile(tile, q_desc, k_desc, v_desc, o_desc, lse_ptr, stride_lb, stride_lh, qk_scale, seq_q, seq_k,
+                 heads, group, num_m_blocks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """Attention for one tile: BLOCK_M query rows of one (batch, head)."""
     batch_head = tile // num_m_blocks
     m_block = tile % num_m_blocks
@@ -136,23 +142,37 @@ def _attend_tile(tile, q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, seq_q,
 
     has_keys = l_i > 0.0  # a row that saw no key gets out = 0 and lse = -inf
     out = acc * (1.0 / tl.where(has_keys, l_i, 1.0))[:, None]
+    lse2 = tl.where(has_keys, m_i + tl.math.log2(l_i), float("-inf"))  # base 2
+    lse_ptrs = lse_ptr + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + rows
+    if ACCUMULATE:  # merge with the running (out, lse): weights exp(lse_x - lse_merged)
+        prev2 = tl.load(lse_ptrs, mask=rows < seq_q, other=float("-inf")) * _LOG2E
+        out_prev = o_desc.load([batch, head, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        top = tl.maximum(prev2, lse2)
+        top = tl.where(top == float("-inf"), 0.0, top)  # both empty: weights 0, no NaN
+        w_prev = tl.math.exp2(prev2 - top)
+        w_blk = tl.math.exp2(lse2 - top)
+        total = w_prev + w_blk
+        inv = 1.0 / tl.where(total > 0.0, total, 1.0)
+        out = out_prev * (w_prev * inv)[:, None] + out * (w_blk * inv)[:, None]
+        lse2 = tl.where(total > 0.0, top + tl.math.log2(total), float("-inf"))
     o_desc.store([batch, head, start_m, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
-    lse = tl.where(has_keys, (m_i + tl.math.log2(l_i)) * _LN2, float("-inf"))
-    tl.store(lse_ptr + batch_head.to(tl.int64) * seq_q + rows, lse, mask=rows < seq_q)
+    tl.store(lse_ptrs, lse2 * _LN2, mask=rows < seq_q)
 
 
 @triton.jit
-def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, seq_q, seq_k, heads, group,
-                num_m_blocks, num_tiles, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                PERSISTENT: tl.constexpr):
+def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, stride_lb, stride_lh, qk_scale, seq_q, seq_k,
+                heads, group, num_m_blocks, num_tiles, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr,
+                PRECISION: tl.constexpr, PERSISTENT: tl.constexpr):
     if PERSISTENT:
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-            _attend_tile(tile, q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, seq_q, seq_k, heads,
-                         group, num_m_blocks, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, PRECISION)
+            _attend_tile(tile, q_desc, k_desc, v_desc, o_desc, lse_ptr, stride_lb, stride_lh, qk_scale,
+                         seq_q, seq_k, heads, group, num_m_blocks, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL,
+                         ACCUMULATE, PRECISION)
     else:
-        _attend_tile(tl.program_id(0), q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, seq_q, seq_k,
-                     heads, group, num_m_blocks, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, PRECISION)
+        _attend_tile(tl.program_id(0), q_desc, k_desc, v_desc, o_desc, lse_ptr, stride_lb, stride_lh,
+                     qk_scale, seq_q, seq_k, heads, group, num_m_blocks, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL,
+                     ACCUMULATE, PRECISION)
 
 
 @functools.cache
@@ -161,16 +181,27 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
-            cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the kernel with an explicit config on checked, TMA-ready inputs; returns (out, lse)."""
+            cfg: Config, out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+            accumulate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the kernel with an explicit config on checked, TMA-ready inputs; returns (out, lse).
+
+    Without ``out``/``lse`` they are allocated (out like q). With them, the kernel writes into them,
+    or with ``accumulate`` merges its block into what they hold.
+    """
     batch, seq_q, heads, head_dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     block_m, block_n, width = cfg["BLOCK_M"], cfg["BLOCK_N"], block_d(head_dim)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(batch, heads, seq_q, device=q.device, dtype=torch.float32)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = torch.empty(batch, heads, seq_q, device=q.device, dtype=torch.float32)
     num_m_blocks = triton.cdiv(seq_q, block_m)
     num_tiles = batch * heads * num_m_blocks
     if num_tiles == 0:
+        return out, lse
+    if seq_k == 0:  # no key: every row is empty (TMA cannot describe an empty tensor)
+        if not accumulate:
+            out.zero_()
+            lse.fill_(float("-inf"))
         return out, lse
     programs = num_tiles
     if cfg["PERSISTENT"]:
@@ -178,9 +209,9 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
         programs = min(num_tiles, sms)
     _fwd_kernel[(programs,)](
         descriptor(q, block_m, width), descriptor(k, block_n, width), descriptor(v, block_n, width),
-        descriptor(out, block_m, width), lse, softmax_scale * LOG2E, seq_q, seq_k, heads,
-        heads // kv_heads, num_m_blocks, num_tiles,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=width, CAUSAL=causal,
+        descriptor(out, block_m, width), lse, lse.stride(0), lse.stride(1), softmax_scale * LOG2E, seq_q,
+        seq_k, heads, heads // kv_heads, num_m_blocks, num_tiles,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=width, CAUSAL=causal, ACCUMULATE=accumulate,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         PERSISTENT=cfg["PERSISTENT"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
@@ -206,33 +237,66 @@ def _bucket(n: int) -> int:
     return min(triton.next_power_of_2(max(n, 1)), 16384)
 
 
-def _choose_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
-                   causal: bool) -> Config:
+def _choose_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
+                   out: torch.Tensor | None, lse: torch.Tensor | None, accumulate: bool) -> Config:
     if _INTERPRET or not q.is_cuda or q.dtype == torch.float32:
         return SMALL_CONFIG
     batch, seq_q, heads, head_dim = q.shape
-    key: Any = ("triton_fwd", str(q.device), q.dtype, head_dim, causal, _bucket(seq_q),
+    out_dtype = q.dtype if out is None else out.dtype
+    key: Any = ("triton_fwd", str(q.device), q.dtype, out_dtype, accumulate, head_dim, causal, _bucket(seq_q),
                 _bucket(k.shape[1]), min(triton.next_power_of_2(batch * heads), 64))
-    return pick_config(key, candidate_configs(head_dim, q.dtype),
-                       lambda cfg: _launch(q, k, v, softmax_scale, causal, cfg))
+
+    def trial(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:  # on copies: tuning must not merge twice
+        targets = (None, None) if out is None else (out.clone(), lse.clone())
+        return _launch(q, k, v, softmax_scale, causal, cfg, *targets, accumulate)
+
+    return pick_config(key, candidate_configs(head_dim, q.dtype), trial)
 
 
-def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scale: float,
-              causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_out(q: torch.Tensor, out: torch.Tensor | None, lse: torch.Tensor | None, accumulate: bool) -> None:
+    """Check caller-given output buffers: both or neither, shaped like q and (B, H, Sq), TMA-addressable."""
+    if not isinstance(accumulate, bool):
+        raise TypeError(f"accumulate must be a bool, got {type(accumulate).__name__}")
+    if out is None and lse is None:
+        if accumulate:
+            raise ValueError("accumulate=True needs the running out and lse to merge into")
+        return
+    if out is None or lse is None:
+        raise ValueError("out and lse must be given together")
+    batch, seq_q, heads, _ = q.shape
+    if out.shape != q.shape or out.device != q.device or out.dtype not in (q.dtype, torch.float32):
+        raise ValueError(f"out must be shaped like q {tuple(q.shape)} on {q.device} with q's dtype or float32; "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    if not tma_addressable(out):
+        raise ValueError(f"out must be addressable by TMA (unit last stride, 16-byte aligned), got strides {out.stride()}")
+    if (tuple(lse.shape) != (batch, heads, seq_q) or lse.dtype != torch.float32 or lse.device != q.device
+            or lse.stride(2) != 1):
+        raise ValueError(f"lse must be float32 ({batch}, {heads}, {seq_q}) on {q.device} with unit last stride; "
+                         f"got {tuple(lse.shape)} {lse.dtype} strides {lse.stride()}")
+
+
+def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scale: float, causal: bool,
+              out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+              accumulate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention forward: out (B, Sq, H, D) like q, and lse float32 (B, H, Sq), natural log.
 
     q is (B, Sq, H, D), k and v (B, Sk, H_kv, D) with H % H_kv == 0; fp16, bf16 or float32 on CUDA
     (or CPU under TRITON_INTERPRET=1); D a multiple of 8 up to 256. ``causal`` is the top-left mask
     and needs Sq == Sk.
+
+    ``out`` (q's dtype or float32, may be a view) and ``lse`` given: the result goes into them, and
+    with ``accumulate=True`` it is merged with the attention they already hold (over other keys),
+    exactly as ``fa3dist.ring.merge_block_`` would. Both are returned.
     """
     check_qkv(q, k, v, causal=causal, dtypes=(torch.float16, torch.bfloat16, torch.float32),
               max_head_dim=256, head_dim_multiple=8)
     if softmax_scale is None:
         raise TypeError("softmax_scale must be a positive float, got None")
     softmax_scale = resolve_scale(softmax_scale, q.shape[-1])
+    _check_out(q, out, lse, accumulate)
     if not q.is_cuda and not _INTERPRET:
         raise ValueError(f"flash_fwd needs CUDA tensors (or TRITON_INTERPRET=1 at import), got {q.device}")
     q, k, v = (tma_ready(t) for t in (q, k, v))
-    cfg = _choose_config(q, k, v, softmax_scale, causal)
-    log.debug("flash_fwd %s %s causal=%s with %s", tuple(q.shape), q.dtype, causal, cfg)
-    return _launch(q, k, v, softmax_scale, causal, cfg)
+    cfg = _choose_config(q, k, v, softmax_scale, causal, out, lse, accumulate)
+    log.debug("flash_fwd %s %s causal=%s accumulate=%s with %s", tuple(q.shape), q.dtype, causal, accumulate, cfg)
+    return _launch(q, k, v, softmax_scale, causal, cfg, out, lse, accumulate)

@@ -28,6 +28,17 @@ def test_ring_matches_float64_math(world_size, case):
         assert not bad, f"rank {rank}: relative errors above {tol}: {bad}"
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ring_with_triton_kernels_matches_float64_math(world_size):
+    """Epilogue merges in the forward and the external-LSE backward, through the interpreter on CPU."""
+    per_rank = run_ranks(ring_cases.ring_errors, world_size, "triton", ring_cases.TRITON_CASES)
+    for rank, per_case in enumerate(per_rank):
+        for case, errs in per_case.items():
+            assert errs.pop("out_dtype_ok"), "ring output/gradients lost the input dtype"
+            bad = {name: err for name, err in errs.items() if not err <= TOLERANCE["float32"]}
+            assert not bad, f"rank {rank}, {case}: relative errors above 1e-5: {bad}"
+
+
 @pytest.mark.parametrize("field", ["seq", "dtype", "causal"])
 def test_ranks_that_disagree_all_raise(field):
     messages = run_ranks(ring_cases.disagreeing_call, 2, field)

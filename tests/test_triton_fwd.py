@@ -130,6 +130,38 @@ def test_candidates_fit_and_start_with_the_reference(head_dim: int, dtype: torch
         assert (cfg["BLOCK_M"] + 2 * cfg["num_stages"] * cfg["BLOCK_N"]) * row_bytes <= 227 * 1024
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, None])
+def test_accumulate_merges_key_blocks_into_given_buffers(out_dtype) -> None:
+    """Blocks of keys merged in the epilogue, into row-slice views of larger buffers, give full attention."""
+    q, k, v = _qkv(2, 30, 70, 4, 2, 40, seed=80)
+    out_all = torch.full((2, 50, 4, 40), 7.0, device=DEVICE, dtype=out_dtype or q.dtype)
+    lse_all = torch.full((2, 4, 50), 7.0, device=DEVICE)
+    out, lse = out_all[:, 20:], lse_all[:, :, 20:]  # views, as the ring's second query half
+    for index, keys in enumerate((slice(0, 33), slice(33, 40), slice(40, 70))):
+        got = flash_fwd(q, k[:, keys], v[:, keys], softmax_scale=0.3, causal=False, out=out, lse=lse,
+                        accumulate=index > 0)
+        assert got[0] is out and got[1] is lse
+    ref_out, ref_lse = reference_fwd(q.double(), k.double(), v.double(), softmax_scale=0.3, causal=False)
+    assert relative_error(out, ref_out) < TOL and relative_error(lse, ref_lse) < TOL
+    assert torch.all(out_all[:, :20] == 7.0) and torch.all(lse_all[:, :, :20] == 7.0)  # untouched rows
+
+
+def test_accumulate_keeps_empty_rows_empty() -> None:
+    """An empty accumulator (out 0, lse -inf) takes a block as it is; empty rows on both sides stay 0/-inf."""
+    q, k, v = _qkv(1, 24, 24, 2, 1, 16, seed=81)
+    out = torch.zeros(q.shape, device=DEVICE)
+    lse = torch.full((1, 2, 24), float("-inf"), device=DEVICE)
+    flash_fwd(q, k, v, softmax_scale=0.4, causal=True, out=out, lse=lse, accumulate=True)
+    _assert_matches(q, k, v, out, lse, 0.4, True)
+    out_empty = torch.zeros(q.shape, device=DEVICE)
+    lse_empty = torch.full((1, 2, 24), float("-inf"), device=DEVICE)
+    flash_fwd(q, k[:, :0], v[:, :0], softmax_scale=0.4, causal=False, out=out_empty, lse=lse_empty,
+              accumulate=True)  # no key on either side
+    assert torch.all(out_empty == 0) and torch.all(lse_empty == float("-inf"))
+    flash_fwd(q, k[:, :0], v[:, :0], softmax_scale=0.4, causal=False, out=out, lse=lse, accumulate=True)
+    _assert_matches(q, k, v, out, lse, 0.4, True)  # an empty block changes nothing
+
+
 def test_inputs_are_not_modified() -> None:
     q, k, v = _qkv(1, 20, 20, 2, 2, 16, seed=60)
     copies = [t.clone() for t in (q, k, v)]
@@ -162,8 +194,21 @@ def _bad(**changes: object) -> dict:
     (lambda: _bad(softmax_scale=0.0), ValueError, "softmax_scale"),
     (lambda: _bad(softmax_scale=float("nan")), ValueError, "softmax_scale"),
     (lambda: _bad(causal=1), TypeError, "causal"),
+    (lambda: _bad(accumulate=True), ValueError, "running out and lse"),
+    (lambda: _bad(out=torch.zeros(1, 8, 2, 16, device=DEVICE)), ValueError, "together"),
+    (lambda: _bad(out=torch.zeros(1, 8, 2, 8, device=DEVICE), lse=torch.zeros(1, 2, 8, device=DEVICE)),
+     ValueError, "out must be shaped like q"),
+    (lambda: _bad(out=torch.zeros(1, 8, 2, 16, device=DEVICE).double(), lse=torch.zeros(1, 2, 8, device=DEVICE)),
+     ValueError, "out must be shaped like q"),
+    (lambda: _bad(out=torch.zeros(1, 8, 16, 2, device=DEVICE).transpose(2, 3),
+                  lse=torch.zeros(1, 2, 8, device=DEVICE)), ValueError, "TMA"),
+    (lambda: _bad(out=torch.zeros(1, 8, 2, 16, device=DEVICE), lse=torch.zeros(1, 8, 2, device=DEVICE)),
+     ValueError, "lse must be float32"),
+    (lambda: _bad(out=torch.zeros(1, 8, 2, 16, device=DEVICE), lse=torch.zeros(1, 2, 8, device=DEVICE),
+                  accumulate=1), TypeError, "accumulate"),
 ], ids=["ndim", "kv-dtype", "float64", "heads", "causal-lengths", "head-dim-8", "head-dim-256",
-        "scale-none", "scale-str", "scale-bool", "scale-negative", "scale-zero", "scale-nan", "causal-int"])
+        "scale-none", "scale-str", "scale-bool", "scale-negative", "scale-zero", "scale-nan", "causal-int",
+        "accumulate-alone", "out-alone", "out-shape", "out-dtype", "out-strides", "lse-shape", "accumulate-int"])
 def test_bad_inputs(args, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         flash_fwd(**args())

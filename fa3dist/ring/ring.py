@@ -23,26 +23,38 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _attend_into(backend: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, *, softmax_scale: float, causal: bool, accumulate: bool) -> None:
+    """Write one block's attention into the running (out, lse), or with ``accumulate`` merge it in."""
+    if backend.fwd_accumulates:  # the kernel merges in its epilogue: no extra pass over out
+        backend.fwd(q, k, v, softmax_scale=softmax_scale, causal=causal, out=out, lse=lse, accumulate=accumulate)
+        return
+    out_b, lse_b = backend.fwd(q, k, v, softmax_scale=softmax_scale, causal=causal)
+    if accumulate:
+        merge_block_(out, lse, out_b, lse_b)
+    else:
+        out.copy_(out_b)
+        lse.copy_(lse_b)
+
+
 def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring, *, backend: Backend,
                  softmax_scale: float, causal: bool, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring attention forward for this rank's shard: returns out (like q) and lse (B, H, S_local)."""
     if ring.world_size == 1:
         return backend.fwd(q, k, v, softmax_scale=softmax_scale, causal=causal)
     acc = accumulation_dtype(q.dtype)
-    seq = q.shape[1]
+    batch, seq, heads, _ = q.shape
+    out = torch.empty(q.shape, dtype=acc, device=q.device)
+    lse = torch.empty(batch, heads, seq, dtype=acc, device=q.device)
     kv = torch.stack((k, v))
     for step in range(ring.world_size):
         pending = ring.send_recv([kv]) if step < ring.world_size - 1 else None
         task = block_task(ring.rank, source_rank(ring.rank, step, ring.world_size), seq,
                           layout=layout, causal=causal)
-        if task is not None:
-            out_b, lse_b = backend.fwd(q[:, task.q_rows], kv[0][:, task.kv_rows], kv[1][:, task.kv_rows],
-                                       softmax_scale=softmax_scale, causal=task.causal)
-            if step == 0:  # the local block covers every query row: it starts the accumulation
-                out = out_b.to(acc, memory_format=torch.contiguous_format)
-                lse = lse_b.to(acc, copy=True)
-            else:
-                merge_block_(out[:, task.q_rows], lse[:, :, task.q_rows], out_b, lse_b)
+        if task is not None:  # step 0 is the local block, which covers every query row
+            _attend_into(backend, q[:, task.q_rows], kv[0][:, task.kv_rows], kv[1][:, task.kv_rows],
+                         out[:, task.q_rows], lse[:, :, task.q_rows], softmax_scale=softmax_scale,
+                         causal=task.causal, accumulate=step > 0)
         if pending is not None:
             (kv,) = pending.wait()
     return out.to(q.dtype), lse

@@ -106,6 +106,18 @@ def test_float32() -> None:
     assert relative_error(lse, ref_lse) < 1e-5
 
 
+def _built(launch):
+    """``launch()``'s result, or None when the config does not compile or fit on this GPU."""
+    try:
+        return launch()
+    except (CompilationError, OutOfResources):
+        return None
+    except RuntimeError as err:  # a failed compiler pass; a CUDA error is a real failure
+        if "CUDA" in str(err):
+            raise
+        return None
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -117,17 +129,37 @@ def test_every_candidate_is_right_or_fails_to_build(dtype: torch.dtype, head_dim
     bound = _error_bound(q, k, v, scale, causal, ref_out)
     ran = 0
     for cfg in candidate_configs(head_dim, dtype):
-        try:
-            out, lse = _launch(q, k, v, scale, causal, cfg)
-        except (CompilationError, OutOfResources):
-            continue
-        except RuntimeError as err:  # a failed compiler pass; a CUDA error is a real failure
-            if "CUDA" in str(err):
-                raise
+        result = _built(lambda: _launch(q, k, v, scale, causal, cfg))
+        if result is None:
             continue
         ran += 1
-        assert relative_error(out, ref_out) <= bound, cfg
-        assert relative_error(lse, ref_lse) < LSE_TOL, cfg
+        assert relative_error(result[0], ref_out) <= bound, cfg
+        assert relative_error(result[1], ref_lse) < LSE_TOL, cfg
+    assert ran > 0
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_every_candidate_merges_right_in_the_epilogue(head_dim: int) -> None:
+    """Key blocks merged into an fp32 accumulator (the ring's path), with every candidate, at 16K rows."""
+    seq_q, seq_k = 16384, 4096
+    q, k, v = _qkv(1, seq_q, seq_k, 8, 2, head_dim, torch.bfloat16, seed=4)
+    scale = 1.0 / math.sqrt(head_dim)
+    ref_out, _ = _reference(q[:, :2048], k, v, scale, False)  # float64 on the first rows only
+    one_call, one_lse = flash_fwd(q, k, v, softmax_scale=scale, causal=False)
+    bound = 1.5 * relative_error(one_call[:, :2048], ref_out) + 1e-4
+    ran = 0
+    for cfg in candidate_configs(head_dim, q.dtype):
+        out = torch.empty(q.shape, device="cuda")
+        lse = torch.empty(1, 8, seq_q, device="cuda")
+        parts = (slice(0, 1000), slice(1000, 3000), slice(3000, seq_k))
+        if _built(lambda: _launch(q, k[:, parts[0]], v[:, parts[0]], scale, False, cfg, out, lse)) is None:
+            continue
+        for keys in parts[1:]:
+            _launch(q, k[:, keys], v[:, keys], scale, False, cfg, out, lse, accumulate=True)
+        ran += 1
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all(), cfg
+        assert relative_error(out[:, :2048], ref_out) <= bound, cfg
+        assert relative_error(out, one_call) < 1e-2 and relative_error(lse, one_lse) < LSE_TOL, cfg
     assert ran > 0
 
 
