@@ -5,6 +5,9 @@ Run under torchrun on N GPUs, e.g.
 Each rank writes prof/rank<r>.json: the iteration time, and per CUDA stream the time its kernels
 were busy, split into attention kernels, NCCL kernels and the rest (copies, adds, merges), plus the
 compute stream's idle time inside the iterations. Rank 0 also writes its Chrome trace (gzip).
+The profiler's own host overhead skews the ranks against each other; ``--timing-only`` instead
+times iterations without it, through ``ring_fa3_attention`` and through the same ring without the
+ranks-agree check (one all_gather and a host sync per call).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 from fa3dist import ring_fa3_attention, shard_sequence
+from fa3dist.api import attention
+from fa3dist.kernels import get_backend
+from fa3dist.ring import ProcessGroupRing
 
 
 def kind(name: str) -> str:
@@ -67,6 +73,7 @@ def main() -> None:
     parser.add_argument("--forward-only", action="store_true")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--timing-only", action="store_true", help="time with and without the ranks-agree check")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -81,14 +88,34 @@ def main() -> None:
                         generator=gen) for h in (32, 8, 8, 32)]
     q, k, v, do = (shard_sequence(t, world_size=world, rank=rank).requires_grad_(i < 3) for i, t in enumerate(full))
 
-    def step() -> None:
-        out = ring_fa3_attention(q, k, v, causal=args.causal, backend=args.backend)
+    def step(checked: bool = True) -> None:
+        if checked:
+            out = ring_fa3_attention(q, k, v, causal=args.causal, backend=args.backend)
+        else:
+            out, _ = attention(q, k, v, ProcessGroupRing(), causal=args.causal, softmax_scale=128 ** -0.5,
+                               layout="zigzag", backend=get_backend(args.backend, device))
         if not args.forward_only:
             out.backward(do)
 
     for _ in range(3):
         step()
     dist.barrier()
+    if args.timing_only:
+        times = {}
+        for checked in (True, False, True, False):
+            dist.barrier()
+            begin = time.perf_counter()
+            for _ in range(args.iters):
+                step(checked)
+            if on_gpu:
+                torch.cuda.synchronize()
+            ms = torch.tensor((time.perf_counter() - begin) * 1000 / args.iters, device=device)
+            dist.all_reduce(ms, op=dist.ReduceOp.MAX)  # the slowest rank
+            times.setdefault("checked" if checked else "unchecked", []).append(ms.item())
+        if rank == 0:
+            print(json.dumps({"tokens_per_rank": args.tokens_per_rank, "world_size": world, "ms_per_iter": times}))
+        dist.destroy_process_group()
+        return
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
         begin = time.perf_counter()
