@@ -2,7 +2,8 @@
 
 Each rank holds its queries and one K/V block. At every step it posts the exchange of the K/V
 block in hand (H_kv heads only, K and V packed in one buffer), runs the kernel on that block, merges
-the result, and only then waits for the next block: the transfer overlaps the kernel. The
+the result into the fp32 accumulator (inside the kernel's epilogue when the backend can, as the
+Triton one does), and only then waits for the next block: the transfer overlaps the kernel. The
 backward sends K/V round again together with the block's fp32 dK/dV accumulator; after W steps
 every accumulator is back at its owner.
 """
