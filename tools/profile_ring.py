@@ -6,8 +6,9 @@ Each rank writes prof/rank<r>.json: the iteration time, and per CUDA stream the 
 were busy, split into attention kernels, NCCL kernels and the rest (copies, adds, merges), plus the
 compute stream's idle time inside the iterations. Rank 0 also writes its Chrome trace (gzip).
 The profiler's own host overhead skews the ranks against each other; ``--timing-only`` instead
-times iterations without it, through ``ring_fa3_attention`` and through the same ring without the
-ranks-agree check (one all_gather and a host sync per call).
+times iterations without it: through ``ring_fa3_attention``, through the same ring without the
+ranks-agree check (one all_gather and a host sync per call), and the same schedule without
+communication (``LoopbackRing``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from fa3dist import ring_fa3_attention, shard_sequence
 from fa3dist.api import attention
 from fa3dist.kernels import get_backend
-from fa3dist.ring import ProcessGroupRing
+from fa3dist.ring import LoopbackRing, ProcessGroupRing
 
 
 def kind(name: str) -> str:
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--forward-only", action="store_true")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--high-priority", action="store_true", help="NCCL streams at high priority")
     parser.add_argument("--timing-only", action="store_true", help="time with and without the ranks-agree check")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -81,18 +83,23 @@ def main() -> None:
     device = "cuda" if on_gpu else "cpu"
     if on_gpu:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(seconds=120))
+    options = None
+    if on_gpu and args.high_priority:
+        options = dist.ProcessGroupNCCL.Options()
+        options.is_high_priority_stream = True
+    dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(seconds=120), pg_options=options)
     gen = torch.Generator(device=device).manual_seed(0)
     seq = args.tokens_per_rank * world
     full = [torch.randn(1, seq, h, 128, device=device, dtype=torch.bfloat16 if on_gpu else torch.float32,
                         generator=gen) for h in (32, 8, 8, 32)]
     q, k, v, do = (shard_sequence(t, world_size=world, rank=rank).requires_grad_(i < 3) for i, t in enumerate(full))
 
-    def step(checked: bool = True) -> None:
-        if checked:
+    def step(mode: str = "checked") -> None:
+        if mode == "checked":
             out = ring_fa3_attention(q, k, v, causal=args.causal, backend=args.backend)
-        else:
-            out, _ = attention(q, k, v, ProcessGroupRing(), causal=args.causal, softmax_scale=128 ** -0.5,
+        else:  # the same ring without the check, or the same schedule without communication
+            ring = ProcessGroupRing() if mode == "unchecked" else LoopbackRing(rank, world)
+            out, _ = attention(q, k, v, ring, causal=args.causal, softmax_scale=128 ** -0.5,
                                layout="zigzag", backend=get_backend(args.backend, device))
         if not args.forward_only:
             out.backward(do)
@@ -102,18 +109,19 @@ def main() -> None:
     dist.barrier()
     if args.timing_only:
         times = {}
-        for checked in (True, False, True, False):
+        for mode in ("checked", "unchecked", "no_comm") * 2:
             dist.barrier()
             begin = time.perf_counter()
             for _ in range(args.iters):
-                step(checked)
+                step(mode)
             if on_gpu:
                 torch.cuda.synchronize()
             ms = torch.tensor((time.perf_counter() - begin) * 1000 / args.iters, device=device)
             dist.all_reduce(ms, op=dist.ReduceOp.MAX)  # the slowest rank
-            times.setdefault("checked" if checked else "unchecked", []).append(ms.item())
+            times.setdefault(mode, []).append(ms.item())
         if rank == 0:
-            print(json.dumps({"tokens_per_rank": args.tokens_per_rank, "world_size": world, "ms_per_iter": times}))
+            print(json.dumps({"tokens_per_rank": args.tokens_per_rank, "world_size": world, "backend": args.backend,
+                              "high_priority": args.high_priority, "ms_per_iter": times}))
         dist.destroy_process_group()
         return
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
