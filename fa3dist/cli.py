@@ -7,29 +7,22 @@ import dataclasses
 import logging
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .check import FAIL_MODES
 from .config import ConfigError, LaunchOptions, load_config
-from .demo import DTYPES, DemoConfig
+from .demo import DTYPES
+from .jobs import config_class, summary
 from .kernels import BACKEND_NAMES
+from .launch.drill import LAUNCHERS, launch
 from .launch.errors import RankFailedError
-from .layout import num_chunks
+from .launch.resources import check_memory, check_resolved, resolve_launch
 from .ring.schedule import LAYOUTS
-
-
-def _resolve_world(cfg: LaunchOptions, cpu_default: int) -> LaunchOptions:
-    """Fill in world_size and device: one rank per GPU with 2+ GPUs, else CPU processes."""
-    gpus = torch.cuda.device_count() if cfg.device != "cpu" else 0
-    use_cuda = gpus >= 2 or (cfg.device == "cuda" and gpus >= 1)
-    device = "cuda" if use_cuda else "cpu"
-    world_size = cfg.world_size or (gpus if use_cuda else cpu_default)
-    if device == "cuda" and world_size > gpus:
-        raise ConfigError(f"world_size {world_size} needs {world_size} GPUs; {gpus} are visible "
-                          "(NCCL cannot run two ranks on one GPU; use --device cpu for a CPU ring)")
-    return dataclasses.replace(cfg, device=device, world_size=world_size)
 
 
 def _run_dir(base: str, job: str) -> str:
@@ -38,33 +31,45 @@ def _run_dir(base: str, job: str) -> str:
     return str(path)
 
 
-def _format_table(header: list[str], rows: list[list[Any]]) -> str:
-    cells = [header] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+def _prepare(cfg: LaunchOptions, args: argparse.Namespace, cpu_default: int) -> LaunchOptions:
+    """Resolve the device and the ranks where the launcher will run them, and check everything
+    that can be checked before a rank starts (ConfigError otherwise)."""
+    source = args.config or "the defaults"
+    if args.launcher != "ray":
+        if args.ray_address is not None:
+            raise ConfigError("--ray-address is for --launcher ray")
+        gpus = torch.cuda.device_count() if cfg.device != "cpu" else 0
+        cfg = resolve_launch(cfg, gpus=gpus, cpu_default=cpu_default)
+        check_resolved(cfg, ranks_here=cfg.world_size, source=source)
+        return cfg
+    from .launch import ray_launcher
+
+    ray_launcher.connect(args.ray_address)
+    cfg = resolve_launch(cfg, gpus=ray_launcher.cluster_gpus(), cpu_default=cpu_default, where="in the Ray cluster")
+    check_resolved(cfg, ranks_here=None, source=source)
+    ray_launcher.check_placement(cfg.world_size, ray_launcher.rank_bundle(cfg))
+    return cfg
 
 
-def _launch(cfg: LaunchOptions, launcher: str, ray_address: str | None) -> dict[str, Any]:
-    """Run ``cfg``'s job over ``cfg.world_size`` ranks with the chosen launcher; rank 0's result."""
-    if launcher == "local":
-        from fa3dist.launch.local import launch_local
-
-        return launch_local(cfg, cfg.world_size)
-    if launcher == "ray":
-        from fa3dist.launch.ray_launcher import launch_ray
-
-        return launch_ray(cfg, cfg.world_size, address=ray_address)
-    from fa3dist.launch.torchrun import launch_torchrun
-
-    return launch_torchrun(cfg, cfg.world_size)
+def run_launched_job(args: argparse.Namespace, job: str, values: dict[str, Any], *, cpu_default: int,
+                     fill: Callable[[Any], Any] = lambda cfg: cfg, details: Callable[[Any], str] = lambda cfg: "") -> int:
+    """Load, check and launch ``job``, print its summary, return its exit code. ``values`` are the
+    command's options (None: not given), ``fill`` sets job-specific defaults, ``details`` adds to
+    the first line printed."""
+    cfg = fill(load_config(config_class(job), args.config, args.set, **values))
+    cfg = _prepare(cfg, args, cpu_default)
+    cfg = dataclasses.replace(cfg, out=_run_dir(cfg.out, job))
+    print(f"fa3dist {job}: {cfg.world_size} ranks on {cfg.device} ({args.launcher}){details(cfg)}; logs in {cfg.out}",
+          flush=True)
+    text, code = summary(job, launch(cfg, args.launcher, ray_address=args.ray_address))
+    print(text)
+    return code
 
 
 def _add_launch_args(parser: argparse.ArgumentParser, config_help: str) -> None:
     parser.add_argument("--config", help=config_help)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    parser.add_argument("--launcher", choices=["local", "torchrun", "ray"], default="local",
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="local",
                         help="local processes (default), torchrun, or Ray actors")
     parser.add_argument("--ray-address", help="Ray cluster to join (default: a running one, or start a local one)")
     parser.add_argument("--world-size", type=int, help="number of ranks (default: GPUs if 2+, else a CPU default)")
@@ -74,65 +79,39 @@ def _add_launch_args(parser: argparse.ArgumentParser, config_help: str) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     values = {k: getattr(args, k) for k in ("world_size", "seq_len", "heads", "kv_heads", "head_dim", "layout",
                                             "causal", "backend", "dtype", "device", "batch")}
-    cfg = _resolve_world(load_config(DemoConfig, args.config, args.set, **values), cpu_default=4)
-    if cfg.device == "cpu" and cfg.backend in ("cudnn", "flash2"):
-        raise ConfigError(f"backend {cfg.backend!r} needs CUDA; this run is on the CPU (use --backend reference)")
-    parts = num_chunks(cfg.world_size, cfg.layout)
-    if cfg.seq_len % parts:
-        raise ConfigError(f"seq_len {cfg.seq_len} does not split into {parts} equal chunks "
-                          f"(layout {cfg.layout}, world_size {cfg.world_size})")
-    cfg = dataclasses.replace(cfg, out=_run_dir(cfg.out, "demo"))
-    print(f"fa3dist demo: {cfg.world_size} ranks on {cfg.device} ({args.launcher}), S={cfg.seq_len}, H={cfg.heads}, "
-          f"H_kv={cfg.kv_heads}, D={cfg.head_dim}, {cfg.layout}, causal={cfg.causal}, backend={cfg.backend}")
-    result = _launch(cfg, args.launcher, args.ray_address)
-    errs = result["errors"]
-    print(_format_table(
-        ["world_size", "layout", "causal", "dtype", "err out", "err dq", "err dk", "err dv", "max rel err",
-         "ring s", "1-proc s"],
-        [[result["world_size"], result["layout"], result["causal"], result["dtype"], errs["out"], errs["dq"],
-          errs["dk"], errs["dv"], result["max_rel_error"], result["ring_s"], result["single_s"]]]))
-    verdict = "match" if result["ok"] else "MISMATCH"
-    print(f"{verdict}: max relative error {result['max_rel_error']:.3g} (tolerance {result['tolerance']:.0e}); "
-          f"logs and result.json in {cfg.out}")
-    return 0 if result["ok"] else 1
+    return run_launched_job(args, "demo", values, cpu_default=4, details=lambda c: (
+        f", S={c.seq_len}, H={c.heads}, H_kv={c.kv_heads}, D={c.head_dim}, {c.layout}, causal={c.causal}, "
+        f"backend={c.backend}"))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .check import CheckConfig
-
     values = {k: getattr(args, k) for k in ("world_size", "device", "fail_rank", "fail_mode", "timeout_s")}
-    cfg = _resolve_world(load_config(CheckConfig, args.config, args.set, **values), cpu_default=2)
-    cfg = dataclasses.replace(cfg, out=_run_dir(cfg.out, "check"))
-    print(f"fa3dist check: {cfg.world_size} ranks on {cfg.device} ({args.launcher}); logs in {cfg.out}", flush=True)
-    result = _launch(cfg, args.launcher, args.ray_address)
-    print(f"ok: {result['rounds']} rounds of ring exchange and all-reduce in {result['seconds']:.1f} s")
-    return 0
+    return run_launched_job(args, "check", values, cpu_default=2)
 
 
 def cmd_scaling(args: argparse.Namespace) -> int:
-    from .bench.scaling import ScalingConfig
-
     from .bench.common import command_line
 
     values = {"world_size": args.world_size, "device": args.device, "repeat": args.repeat, "results_dir": args.out,
               "plot": args.plot or None, "launcher": args.launcher, "command": command_line()}
-    cfg = load_config(ScalingConfig, args.config, args.set, **values)
-    cfg = _resolve_world(dataclasses.replace(cfg, world_size=cfg.world_size or max(cfg.world_sizes)), cpu_default=2)
-    cfg = dataclasses.replace(cfg, out=_run_dir(cfg.out, "scaling"))
-    print(f"fa3dist bench scaling: {cfg.world_size} ranks on {cfg.device} ({args.launcher}); logs in {cfg.out}",
-          flush=True)
-    result = _launch(cfg, args.launcher, args.ray_address)
-    print("\n".join(["wrote:", *result["paths"]]))
-    print(Path(next(p for p in result["paths"] if p.endswith(".md"))).read_text())
-    return 0
+    return run_launched_job(args, "scaling", values, cpu_default=2,
+                            fill=lambda cfg: dataclasses.replace(cfg, world_size=cfg.world_size or max(cfg.world_sizes)))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "kernel":
         from .bench.kernel import KernelBenchConfig as cls, write_kernel_results as run
+
+        if not torch.cuda.is_available():
+            raise ConfigError("bench kernel times kernels on a GPU; no GPU is visible here")
     else:
         from .bench.ring import RingBenchConfig as cls, write_ring_results as run
     cfg = load_config(cls, args.config, args.set)
+    if args.bench == "ring":
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("bench ring measures the ring on one GPU; no GPU is visible here (a CPU smoke run: "
+                              "fa3dist bench ring --config configs/bench_ring_cpu.yaml)")
+        check_memory(cfg, cfg.device, source=args.config)
     paths = run(cfg, args.out, args.plot)
     print("\n".join(["wrote:", *paths]))
     md = next(p for p in paths if p.endswith(".md"))
@@ -154,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fa3dist",
         description="Exact ring attention for long sequences: run the demo, benchmarks and scaling runs.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr, and show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser(
@@ -179,11 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check", help="check that the ranks can talk (and that a failing rank stops the job)",
         description="Pass a tensor round the ring and all-reduce it for a few rounds on every rank. "
-                    "--fail-rank R makes rank R fail on purpose (--fail-mode raise|exit|hang) to show that the "
+                    "--fail-rank R makes rank R fail on purpose (--fail-mode raise|exit|kill|hang) to show that the "
                     "launcher stops every rank and names the failing one.")
     _add_launch_args(check, "YAML settings for the check (optional)")
     check.add_argument("--fail-rank", type=int, help="make this rank fail mid-run")
-    check.add_argument("--fail-mode", choices=["raise", "exit", "hang"], help="how it fails (default raise)")
+    check.add_argument("--fail-mode", choices=FAIL_MODES,
+                       help="how it fails: raise, exit (code 17), kill (SIGKILL) or hang (default raise)")
     check.add_argument("--timeout-s", type=float, help="process-group timeout in seconds (default 60)")
     check.set_defaults(func=cmd_check)
 
@@ -217,12 +197,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not args.verbose:  # torchrun's agent logs every rank it stops; our error says what matters
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         return args.func(args)
-    except ConfigError as err:
+    except ConfigError as err:  # a user error: one line (-v: with the traceback)
+        if args.verbose:
+            traceback.print_exc()
         print(f"fa3dist: error: {err}", file=sys.stderr)
         return 2
-    except RankFailedError as err:
+    except RankFailedError as err:  # the first line names the rank; the rest is its traceback
+        if args.verbose:
+            traceback.print_exc()
         print(f"fa3dist: error: {err}", file=sys.stderr)
         return 3
 

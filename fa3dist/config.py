@@ -74,7 +74,7 @@ def build_config(cls: type[T], values: dict[str, Any], source: str) -> T:
         try:
             check()
         except ValueError as err:
-            raise ConfigError(f"{source}: {err}") from None
+            raise ConfigError(str(err) if source == "defaults" else f"{source}: {err}") from None
     return cfg
 
 
@@ -96,6 +96,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     source = "defaults"
     if path is not None:
         source = str(path)
+        if Path(path).is_dir():
+            found = ", ".join(sorted(str(p) for p in Path(path).glob("*.yaml"))[:8]) or "none"
+            raise ConfigError(f"config {path} is a folder; give one YAML file (YAML files there: {found})")
         try:
             loaded = yaml.safe_load(Path(path).read_text())
         except FileNotFoundError:
@@ -120,6 +123,7 @@ class LaunchOptions:
     device: str = "auto"  # auto | cuda | cpu
     timeout_s: float = 60.0  # process-group timeout: the longest any rank may wait on another
     out: str = "runs"  # folder for per-rank logs and the result JSON
+    cpus_per_rank: float = 1.0  # CPUs the Ray launcher reserves for each rank
 
     def check(self) -> None:
         if self.world_size is not None and self.world_size < 1:
@@ -128,6 +132,11 @@ class LaunchOptions:
             raise ValueError(f"key 'device' must be auto, cuda or cpu, got {self.device!r}")
         if self.timeout_s <= 0:
             raise ValueError(f"key 'timeout_s' must be positive, got {self.timeout_s}")
+        if self.cpus_per_rank <= 0:
+            raise ValueError(f"key 'cpus_per_rank' must be positive, got {self.cpus_per_rank}")
+
+    def check_resolved(self) -> None:
+        """Checks that need the launch's world_size and device (both set by then); raise ValueError."""
 
 
 def check_choices(cfg: Any, choices: dict[str, Any]) -> None:

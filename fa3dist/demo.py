@@ -18,7 +18,7 @@ from .api import fa3_attention, ring_fa3_attention
 from .config import LaunchOptions, check_choices
 from .kernels import BACKEND_NAMES
 from .kernels.numerics import relative_error
-from .layout import shard_sequence, unshard_sequence
+from .layout import num_chunks, shard_sequence, unshard_sequence
 from .ring.schedule import LAYOUTS
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -47,11 +47,40 @@ class DemoConfig(LaunchOptions):
             if getattr(self, key) < 1:
                 raise ValueError(f"key {key!r} must be at least 1, got {getattr(self, key)}")
         check_choices(self, {"layout": LAYOUTS, "backend": BACKEND_NAMES, "dtype": ["auto", *DTYPES]})
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+
+    def check_resolved(self) -> None:
+        parts = num_chunks(self.world_size, self.layout)
+        if self.seq_len % parts:
+            raise ValueError(f"seq_len {self.seq_len} does not split into {parts} equal chunks "
+                             f"(layout {self.layout}, world_size {self.world_size})")
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         return DTYPES[self.dtype]
+
+
+def _format_table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [header] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def demo_summary(result: dict[str, Any]) -> tuple[str, int]:
+    """The demo's table and verdict, and its exit code (1 on a mismatch)."""
+    errs = result["errors"]
+    table = _format_table(
+        ["world_size", "layout", "causal", "dtype", "err out", "err dq", "err dk", "err dv", "max rel err",
+         "ring s", "1-proc s"],
+        [[result["world_size"], result["layout"], result["causal"], result["dtype"], errs["out"], errs["dq"],
+          errs["dk"], errs["dv"], result["max_rel_error"], result["ring_s"], result["single_s"]]])
+    verdict = "match" if result["ok"] else "MISMATCH"
+    return (f"{table}\n{verdict}: max relative error {result['max_rel_error']:.3g} "
+            f"(tolerance {result['tolerance']:.0e})"), 0 if result["ok"] else 1
 
 
 def _timed(fn) -> tuple[Any, float]:
@@ -84,8 +113,11 @@ def run_demo(cfg: DemoConfig, ctx) -> dict[str, Any]:
         out.backward(shard(full["do"]))
         return [out.detach(), q.grad, k.grad, v.grad]
 
+    ctx.progress("inputs drawn")
     ring_results, ring_s = _timed(ring_pass)
+    ctx.progress("ring forward and backward")
     gathered = [unshard_sequence(t, layout=cfg.layout) for t in ring_results]
+    ctx.progress("shards gathered")
     result: dict[str, Any] = {"world_size": ctx.world_size, "layout": cfg.layout, "causal": cfg.causal,
                               "backend": cfg.backend, "dtype": str(dtype).replace("torch.", ""),
                               "device": str(ctx.device.type), "seq_len": cfg.seq_len, "heads": cfg.heads,

@@ -69,7 +69,8 @@ def _schedule(q, k, v, do, ring, *, backend, scale, cfg, with_backward: bool) ->
 def run_ring_bench(cfg: RingBenchConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Measure the monolithic call and every virtual world size; return (meta, rows)."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("bench ring on cuda needs a CUDA GPU (set device: cpu for a CPU run)")
+        raise RuntimeError("bench ring on cuda needs a CUDA GPU (for a CPU smoke run use "
+                           "configs/bench_ring_cpu.yaml: the default problem needs terabytes on a CPU)")
     dtype = DTYPES[cfg.dtype]
     backend = get_backend(cfg.backend, cfg.device)
     scale = resolve_scale(None, cfg.head_dim)
