@@ -86,7 +86,8 @@ def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+        ray.init(address=address, include_dashboard=False, log_to_driver=True,
+                 logging_level=logging.getLogger("fa3dist").getEffectiveLevel())
     except (ConnectionError, ValueError, TimeoutError) as err:
         reason = str(err).strip().split(". ")[0].rstrip(".") or type(err).__name__  # Ray's advice names its flags
         raise ConfigError(f"--ray-address {address}: no Ray cluster could be joined there ({reason}); start one "
