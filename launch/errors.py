@@ -6,9 +6,11 @@ engine saw it, whether the launcher stopped it) and raises ``blame(reports, time
 - a rank that raised an error of its own is a cause, dated when it raised;
 - a rank that exited with a non-zero code or was killed by a signal, without an error of its own,
   is a cause, dated at its last heartbeat; SIGKILL is reported as a likely out-of-memory kill;
-- a rank that was still running but made no progress for the process-group timeout is hung, dated
-  when that timeout ran out; of several such ranks, those furthest behind (fewest progress marks,
-  then collectives) are the hung ones, the rest were waiting on them;
+- a rank that was still running (no error, no exit) when another rank gave up waiting on a peer
+  (a collective timeout, or a death after waiting the whole timeout) is hung, dated when the first
+  waiter gave up; without such a waiter, a rank is hung once it made no progress for the timeout,
+  dated when that timeout ran out. Of several such ranks, those furthest behind (fewest progress
+  marks, then collectives) are the hung ones, the rest were waiting on them;
 - symptoms are never blamed while there is a cause: an error that reads as a lost connection or a
   collective timeout, and a death after waiting the whole timeout without progress (NCCL's
   watchdog aborts such a rank).
@@ -96,10 +98,26 @@ def _progress_key(status: dict[str, Any]) -> tuple[int, int]:
     return status.get("marks", 0), status.get("seq", -1)
 
 
-def hung_ranks(reports: list[RankReport], timeout_s: float, now: float) -> list[RankReport]:
-    """Running ranks without progress for ``timeout_s``, keeping only those furthest behind."""
-    stale = [r for r in reports if r.state == "running" and not (r.ended and not r.stopped)
-             and now - r.status.get("progress_at", now) >= timeout_s]
+def _is_timeout(summary: str) -> bool:
+    return any(word in summary for word in ("Timed out", "timed out", "Timeout"))
+
+
+def gave_up_waiting_at(reports: list[RankReport], timeout_s: float) -> float | None:
+    """When the first rank gave up waiting on a peer: a collective timeout, or a death after it
+    waited the whole timeout without progress (NCCL's watchdog). None if no rank did."""
+    times = [r.status["failed_at"] for r in reports
+             if r.state == "failed" and r.status.get("peer") and _is_timeout(r.status["summary"])]
+    times += [r.status["beat_at"] for r in reports
+              if r.failed and not r.stopped and r.state != "failed" and _died_waiting(r, timeout_s)]
+    return min(times, default=None)
+
+
+def hung_ranks(reports: list[RankReport], timeout_s: float, now: float, *, waited: bool = False) -> list[RankReport]:
+    """Ranks still running (or stopped while running) that are hung, keeping those furthest behind:
+    all such ranks when another rank gave up waiting (``waited``), else those without progress for
+    ``timeout_s``."""
+    silent = [r for r in reports if r.state == "running" and not (r.ended and not r.stopped)]
+    stale = silent if waited else [r for r in silent if now - r.status.get("progress_at", now) >= timeout_s]
     if not stale:
         return []
     behind = min(_progress_key(r.status) for r in stale)
@@ -117,16 +135,17 @@ def causes(reports: list[RankReport], timeout_s: float, now: float) -> list[Caus
                                    status.get("error", "")))
         elif report.failed and not report.stopped and not _died_waiting(report, timeout_s):
             found.append(_death(report, now))
-    for report in hung_ranks(reports, timeout_s, now):
+    waited = gave_up_waiting_at(reports, timeout_s)
+    for report in hung_ranks(reports, timeout_s, now, waited=waited is not None):
         idle = now - report.status["progress_at"]
         found.append(Cause(report.rank, "hung", f"hung: no progress for {idle:.0f} s (the timeout is {timeout_s:g} s; "
                                                 f"last progress: {report.status.get('label', '?')})",
-                           report.status["progress_at"] + timeout_s))
+                           report.status["progress_at"] + timeout_s if waited is None else waited))
     return sorted(found, key=lambda c: c.at)
 
 
 def _symptom(summary: str) -> str:
-    if any(word in summary for word in ("Timed out", "timed out", "Timeout")):
+    if _is_timeout(summary):
         return "timed out waiting for a peer"
     if any(word in summary for word in ("by peer", "Connection", "Broken pipe")):
         return "lost its connection to a peer"

@@ -79,7 +79,8 @@ def launch_local(cfg: LaunchOptions, world_size: int) -> dict[str, Any]:
              for r in range(world_size)]
 
     def poll() -> list[RankReport]:
-        return [RankReport(r, read_status(status_path(cfg.out, r)), p.exitcode) for r, p in enumerate(procs)]
+        exitcodes = [p.exitcode for p in procs]  # first: a status read after a rank ended is its last
+        return [RankReport(r, read_status(status_path(cfg.out, r)), exitcodes[r]) for r in range(world_size)]
 
     def stop() -> None:
         for proc in procs:

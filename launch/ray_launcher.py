@@ -65,8 +65,9 @@ class RankActor:
         self._proc = start_rank(cfg, env)
 
     def poll(self) -> tuple[int | None, dict[str, Any] | None]:
-        """The rank's exit code (None while it runs) and its last status."""
-        return self._proc.exitcode, read_status(self._status)
+        """The rank's exit code (None while it runs) and its last status (read after the exit code)."""
+        exitcode = self._proc.exitcode
+        return exitcode, read_status(self._status)
 
     def result(self) -> dict[str, Any]:
         return json.loads((self._status.parent.parent / "result.json").read_text())

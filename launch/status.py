@@ -103,8 +103,8 @@ class RankStatus:
                     return
                 now = time.time()
                 seq = self._read_sequence()
-                if seq != self._fields["seq"]:
-                    self._fields.update(seq=seq, progress_at=now)
+                if seq != self._fields["seq"]:  # it moved since the last beat: date it no later than that
+                    self._fields.update(seq=seq, progress_at=max(self._fields["beat_at"], self._fields["progress_at"]))
                 self._fields["beat_at"] = now
                 self._write()
 

@@ -139,8 +139,9 @@ def launch_torchrun(cfg: LaunchOptions, world_size: int) -> dict[str, Any]:
     killed: set[int] = set()
 
     def poll() -> list[RankReport]:
+        agent_done = not thread.is_alive()  # first: the statuses read after it are final once it is done
         statuses = [read_status(status_path(cfg.out, r)) for r in range(world_size)]
-        if thread.is_alive():
+        if not agent_done:
             return [RankReport(r, s) for r, s in enumerate(statuses)]
         failures: dict[int, ProcessFailure] = outcome.get("failures", {})
         reports = []
@@ -149,7 +150,8 @@ def launch_torchrun(cfg: LaunchOptions, world_size: int) -> dict[str, Any]:
                 failure = failures[rank]
                 if rank not in killed and (status or {}).get("state") != "failed":
                     status = _error_file_status(failure) or status
-                reports.append(RankReport(rank, status, failure.exitcode, stopped=rank in killed))
+                stopped = rank in killed or failure.exitcode == -signal.SIGTERM  # the agent stops ranks by SIGTERM
+                reports.append(RankReport(rank, status, failure.exitcode, stopped=stopped))
             elif (status or {}).get("state") == "done":
                 reports.append(RankReport(rank, status, 0))
             else:  # torchrun's agent stopped it after another rank failed

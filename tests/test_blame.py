@@ -60,6 +60,15 @@ def test_the_hung_rank_is_the_one_behind_not_the_ones_that_timed_out_waiting():
     assert str(err).startswith("rank 1 hung: no progress for 12 s (the timeout is 10 s; last progress: round 4)")
 
 
+def test_a_rank_left_running_when_a_peer_timed_out_is_hung_even_if_its_last_step_was_recent():
+    """The peer's timeout proves the wait; the hung rank's own last progress can be later than the
+    start of that wait (local work, or a heartbeat that saw its last collective late)."""
+    reports = [RankReport(0, failed(0, GLOO_TIMEOUT, peer=True, at=NOW - 0.2, progress_at=NOW - 10.3, marks=6), 1),
+               RankReport(1, running(1, progress_at=NOW - 9.4, marks=5), -15, stopped=True)]
+    err = blame(reports, TIMEOUT, NOW)
+    assert (err.rank, err.kind) == (1, "hung") and "rank 0 timed out waiting for a peer" in str(err)
+
+
 def test_a_watchdog_abort_after_the_timeout_is_not_blamed_before_the_hung_rank():
     """NCCL's watchdog kills a rank that waited the whole timeout (SIGABRT): a symptom of the hang."""
     waiter = running(1, progress_at=NOW - 13, marks=6, seq=12, beat_at=NOW - 1.5)

@@ -96,6 +96,7 @@ def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 
 def test_torchrun_launcher_from_the_cli(tmp_path):
+    """The issue's rows: torchrun named rank 0 for rank 1's error, and for rank 1's hang."""
     run = _cli("check", "--launcher", "torchrun", "--world-size", "2", "--device", "cpu", "--set", f"out={tmp_path}",
                "--set", "rounds=4")
     assert run.returncode == 0, run.stdout + run.stderr
@@ -104,6 +105,11 @@ def test_torchrun_launcher_from_the_cli(tmp_path):
                "--fail-rank", "1")
     assert bad.returncode == 3
     assert bad.stderr.startswith("fa3dist: error: rank 1 raised InjectedFailure: rank 1 failed on purpose"), bad.stderr
+    hang = _cli("check", "--launcher", "torchrun", "--device", "cpu", "--set", f"out={tmp_path}", "--fail-rank", "1",
+                "--fail-mode", "hang", "--timeout-s", "5")
+    assert hang.returncode == 3
+    assert hang.stderr.startswith("fa3dist: error: rank 1 hung: no progress for"), hang.stderr
+    assert "then: rank 0 timed out waiting for a peer." in hang.stderr
 
 
 def test_the_torchrun_entry_prints_the_demo_table_and_verdict(tmp_path):
