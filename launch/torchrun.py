@@ -5,7 +5,8 @@ Every rank builds the job's config, checks it (one line and exit code 2 on a bad
 runs the same ``run_worker`` as the other launchers. Rank 0 writes ``result.json`` to the run
 folder and prints the job's summary (the demo's table and verdict; exit code 1 on a mismatch).
 A failing rank's error goes to torchrun's error file (``@record``) and to its log, not to the
-console.
+console; a rank whose error only follows another rank's failure exits ``PEER_EXIT_DELAY_S`` later,
+so that torchrun's own report names the rank that caused it.
 
 ``launch_torchrun`` runs torchrun's own engine (``elastic_launch`` with the configuration that
 ``torchrun --standalone --nproc-per-node N`` builds) in a thread, so that it learns every failed
@@ -23,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -37,11 +39,14 @@ from fa3dist.jobs import config_class, job_name, job_names, summary
 
 from .errors import RankReport, blame
 from .local import clear_status, die_with_parent
-from .status import read_status, status_path
+from .status import is_peer_symptom, read_status, status_path
 from .watch import watch
 from .worker import run_worker
 
 log = logging.getLogger("fa3dist.launch")
+
+# A rank whose error is a consequence of another's (a lost connection, a timeout) exits this much later.
+PEER_EXIT_DELAY_S = 3.0
 
 
 @record
@@ -87,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = _run_rank(cfg)
-    except Exception:
-        return 1  # the traceback is in torchrun's error file and this rank's log
+    except Exception as exc:  # the traceback is in torchrun's error file and this rank's log
+        if is_peer_symptom(exc):
+            time.sleep(PEER_EXIT_DELAY_S)  # so that torchrun's agent sees the rank that caused it fail first
+        return 1
     if rank0 and not args.quiet:
         text, code = summary(args.job, result)
         print(f"{text}\nlogs and result.json in {cfg.out}", flush=True)

@@ -41,3 +41,20 @@ def test_missing_file_and_bad_override():
         load_config(DemoConfig, "configs/nope.yaml")
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(DemoConfig, None, ["seq_len"])
+
+
+def test_a_folder_given_as_config_is_one_clear_error():
+    with pytest.raises(ConfigError, match=r"config configs is a folder; give one YAML file \(YAML files there: "
+                                          r"configs/bench_kernel.yaml"):
+        load_config(DemoConfig, "configs")
+
+
+def test_a_drill_that_would_never_fail_is_refused():
+    from fa3dist.check import CheckConfig
+
+    with pytest.raises(ConfigError, match=r"key 'fail_round' \(5\) must be below 'rounds' \(4\)"):
+        load_config(CheckConfig, None, ["rounds=4", "fail_rank=0"])
+    with pytest.raises(ConfigError, match="key 'fail_mode' must be one of raise, exit, kill, hang"):
+        load_config(CheckConfig, None, ["fail_mode=explode"])
+    with pytest.raises(ConfigError, match=r"heads \(6\) must be a multiple of kv_heads \(4\)"):
+        load_config(DemoConfig, None, ["heads=6", "kv_heads=4"])

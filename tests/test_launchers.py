@@ -121,6 +121,18 @@ def test_the_torchrun_entry_prints_the_demo_table_and_verdict(tmp_path):
     assert "world_size" in run.stdout and "err dq" in run.stdout and "match: max relative error" in run.stdout
 
 
+def test_torchrun_itself_names_the_rank_that_raised(tmp_path):
+    """Run by torchrun directly, a rank that only lost its connection exits later, so that
+    torchrun's own report names the rank that failed first."""
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+                          "-m", "fa3dist.launch.torchrun", "check", "--run-dir", str(tmp_path), "--set", "device=cpu",
+                          "--set", "fail_rank=1", "--set", "rounds=8", "--set", "round_s=0.02"],
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 1
+    root_cause = run.stderr[run.stderr.index("Root Cause"):]
+    assert "rank      : 1 (local_rank: 1)" in root_cause and "InjectedFailure" in root_cause, run.stderr
+
+
 def test_the_torchrun_entry_exits_1_on_a_mismatch(tmp_path, monkeypatch, capsys):
     result = {"world_size": 2, "layout": "zigzag", "causal": True, "dtype": "float32", "max_rel_error": 0.5,
               "errors": {"out": 0.5, "dq": 0.1, "dk": 0.1, "dv": 0.1}, "ring_s": 0.1, "single_s": 0.1,
