@@ -34,7 +34,7 @@ def _run_dir(base: str, job: str) -> str:
 def _prepare(cfg: LaunchOptions, args: argparse.Namespace, cpu_default: int) -> LaunchOptions:
     """Resolve the device and the ranks where the launcher will run them, and check everything
     that can be checked before a rank starts (ConfigError otherwise)."""
-    source = args.config or "the defaults"
+    source = args.config or "this job"
     if args.launcher != "ray":
         if args.ray_address is not None:
             raise ConfigError("--ray-address is for --launcher ray")

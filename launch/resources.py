@@ -129,7 +129,7 @@ def host_memory_bytes() -> int:
     return total
 
 
-def check_memory(cfg: Any, device: str, *, ranks_here: int = 1, source: str = "this config") -> None:
+def check_memory(cfg: Any, device: str, *, ranks_here: int = 1, source: str = "this job") -> None:
     """Raise ConfigError when the estimate of ``memory_need`` does not fit: on the CPU, all
     ``ranks_here`` ranks together against this host's memory; on CUDA, the busiest rank against
     the smallest visible GPU."""
@@ -150,7 +150,7 @@ def check_memory(cfg: Any, device: str, *, ranks_here: int = 1, source: str = "t
                           f"(estimated from the bytes per token), {what} {_fmt(have)}; {hint}")
 
 
-def check_resolved(cfg: LaunchOptions, *, ranks_here: int | None, source: str = "this config") -> None:
+def check_resolved(cfg: LaunchOptions, *, ranks_here: int | None, source: str = "this job") -> None:
     """Every check of a config whose device and world size are set: the job's own, the backend
     against the device, and the memory of the ``ranks_here`` ranks on this host (None: the ranks run
     elsewhere, unknown here). Raises ConfigError."""

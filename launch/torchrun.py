@@ -69,7 +69,7 @@ def _config(args: argparse.Namespace) -> LaunchOptions:
     if device == "cuda" and ranks_here > gpus:
         raise ConfigError(f"{ranks_here} ranks on this host, {gpus} GPU(s): two ranks on one GPU is not supported")
     cfg = dataclasses.replace(cfg, out=run_dir, device=device, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    check_resolved(cfg, ranks_here=ranks_here, source=args.config or "the default config")
+    check_resolved(cfg, ranks_here=ranks_here, source=args.config or "this job")
     return cfg
 
 

@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def markdown(results: list[DrillResult], args: argparse.Namespace) -> str:
     for r in results:
         groups.setdefault((r.launcher, r.mode, r.fail_rank, r.world_size), []).append(r)
     for (launcher, mode, rank, world), runs in groups.items():
-        named = ", ".join(f"{r.named_rank} {r.kind}" for r in runs)
+        named = ", ".join(f"{rank_kind} x{count}" for rank_kind, count in
+                          Counter(f"{r.named_rank} {r.kind}" for r in runs).most_common())
         waits = [r.after_failure_s for r in runs if r.after_failure_s is not None]
         wait = f"{statistics.median(waits):.1f} ({max(waits):.1f})" if waits else "n/a"
         lines.append(f"| {launcher} | {mode} | {rank} (of {world}) | {sum(r.right for r in runs)}/{len(runs)} | "
