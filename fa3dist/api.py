@@ -64,7 +64,7 @@ def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     _check_options(causal, return_lse, "zigzag")
     check_qkv(q, k, v, causal=causal)
     scale = resolve_scale(softmax_scale, q.shape[-1])
-    kernels = get_backend(backend, q.device)
+    kernels = get_backend(backend, q.device, q.dtype)
     out, lse = attention(q, k, v, LoopbackRing(0, 1), causal=causal, softmax_scale=scale,
                          layout="zigzag", backend=kernels)
     return (out, lse) if return_lse else out
@@ -111,7 +111,7 @@ def ring_fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
         raise ValueError(f"q has {q.shape[1]} local tokens and k/v have {k.shape[1]}; the ring needs "
                          "q, k and v sharded alike")
     scale = resolve_scale(softmax_scale, q.shape[-1])
-    kernels = get_backend(backend, q.device)
+    kernels = get_backend(backend, q.device, q.dtype)
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         pg_backend = dist.get_backend(group)
         needed = "cpu" if pg_backend == "gloo" else "cuda"

@@ -21,7 +21,7 @@ from fa3dist.config import check_choices
 from fa3dist.kernels.numerics import relative_error
 
 from .common import DTYPES, attention_flops, gpu_tag, markdown_table, run_meta, time_ms, write_results
-from .peers import IMPLS, prepare
+from .peers import IMPLS, prepare, unavailable_reason
 
 log = logging.getLogger("fa3dist.bench")
 
@@ -94,6 +94,9 @@ def run_kernel_bench(cfg: KernelBenchConfig) -> tuple[dict[str, Any], list[dict[
     if not torch.cuda.is_available():
         raise RuntimeError("bench kernel needs a CUDA GPU")
     gen = torch.Generator(device="cuda").manual_seed(cfg.seed)
+    skipped = {i: reason for i in cfg.impls if (reason := unavailable_reason(i, torch.device("cuda")))}
+    for impl, reason in skipped.items():
+        log.warning("peer %s skipped: %s", impl, reason)
     rows: list[dict[str, Any]] = []
     cells = cfg.cells()
     progress = tqdm(cells, desc="bench kernel", unit="cell")
@@ -105,7 +108,8 @@ def run_kernel_bench(cfg: KernelBenchConfig) -> tuple[dict[str, Any], list[dict[
         q, do = (torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=dtype, generator=gen) for _ in range(2))
         k, v = (torch.randn(batch, seq, kv_heads, head_dim, device="cuda", dtype=dtype, generator=gen)
                 for _ in range(2))
-        impls = [i for i in cfg.impls if i != "flex" or (head_dim in cfg.flex_head_dims and seq in cfg.flex_seq_lens)]
+        impls = [i for i in cfg.impls if i not in skipped
+                 and (i != "flex" or (head_dim in cfg.flex_head_dims and seq in cfg.flex_seq_lens))]
         reference = None
         for impl in sorted(impls, key=lambda i: i != "cudnn"):  # cudnn first: the others are checked against it
             base = {"impl": impl, "dtype": dtype_name, "B": batch, "H": heads, "Hkv": kv_heads, "S": seq,
@@ -128,12 +132,13 @@ def run_kernel_bench(cfg: KernelBenchConfig) -> tuple[dict[str, Any], list[dict[
             del outputs
         del q, k, v, do
         torch.cuda.empty_cache()
-    return run_meta(1), rows
+    return run_meta(1, skipped_peers=skipped), rows
 
 
 def kernel_markdown(rows: list[dict[str, Any]]) -> str:
     """One table per (dtype, pass): TFLOP/s of every implementation and ours / cuDNN."""
     impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
+    peers = [p for p in ("cudnn", "fa3") if p in impls]
     sections = []
     for dtype, pass_ in sorted({(r["dtype"], r["pass"]) for r in rows}):
         cells = sorted({(r["D"], r["S"], r["causal"]) for r in rows if r["dtype"] == dtype and r["pass"] == pass_})
@@ -141,11 +146,11 @@ def kernel_markdown(rows: list[dict[str, Any]]) -> str:
         for d, s, causal in cells:
             found = {r["impl"]: r["tflops"] for r in rows
                      if (r["dtype"], r["pass"], r["D"], r["S"], r["causal"]) == (dtype, pass_, d, s, causal)}
-            ours, cudnn = found.get("fa3dist"), found.get("cudnn")
-            ratio = ours / cudnn if ours and cudnn else None
-            table.append([d, s, "yes" if causal else "no", *[found.get(i) for i in impls], ratio])
+            ours = found.get("fa3dist")
+            ratios = [ours / found[p] if ours and found.get(p) else None for p in peers]
+            table.append([d, s, "yes" if causal else "no", *[found.get(i) for i in impls], *ratios])
         sections.append(f"## {pass_}, {dtype} (TFLOP/s)\n\n" +
-                        markdown_table(["D", "S", "causal", *impls, "fa3dist/cudnn"], table))
+                        markdown_table(["D", "S", "causal", *impls, *(f"fa3dist/{p}" for p in peers)], table))
     return "\n\n".join(sections)
 
 

@@ -71,7 +71,7 @@ def run_ring_bench(cfg: RingBenchConfig) -> tuple[dict[str, Any], list[dict[str,
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("bench ring on cuda needs a CUDA GPU (set device: cpu for a CPU run)")
     dtype = DTYPES[cfg.dtype]
-    backend = get_backend(cfg.backend, cfg.device)
+    backend = get_backend(cfg.backend, cfg.device, dtype)
     scale = resolve_scale(None, cfg.head_dim)
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     shape_q = (cfg.batch, cfg.seq_len, cfg.heads, cfg.head_dim)

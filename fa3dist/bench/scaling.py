@@ -115,7 +115,7 @@ def _measure_point(cfg: ScalingConfig, ctx, world: int, seq: int, causal: bool, 
     gen = torch.Generator(device=device).manual_seed(cfg.seed + seq)  # the same full inputs on every rank
     full = [torch.randn(cfg.batch, seq, h, cfg.head_dim, device=device, dtype=dtype, generator=gen)
             for h in (cfg.heads, cfg.kv_heads, cfg.kv_heads, cfg.heads)]
-    backend = get_backend(cfg.backend, device)
+    backend = get_backend(cfg.backend, device, DTYPES[cfg.dtype])
     scale = resolve_scale(None, cfg.head_dim)
     with_backward = pass_ == "fwd+bwd"
     timing = dict(min_iters=cfg.min_iters, max_iters=cfg.max_iters, budget_ms=cfg.budget_ms)
