@@ -39,12 +39,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
+from . import gluon_fwd
 from .autotune import Config, pick_config
 from .checks import check_qkv, resolve_scale
 from .tma import block_d, descriptor, tma_addressable, tma_ready
@@ -186,23 +188,27 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     """Run the kernel with an explicit config on checked, TMA-ready inputs; returns (out, lse).
 
     Without ``out``/``lse`` they are allocated (out like q). With them, the kernel writes into them,
-    or with ``accumulate`` merges its block into what they hold.
+    or with ``accumulate`` merges its block into what they hold. A config with ``path: "gluon"``
+    runs the Gluon kernel (gluon_fwd.py), any other the ``tl`` kernel below.
     """
     batch, seq_q, heads, head_dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
-    block_m, block_n, width = cfg["BLOCK_M"], cfg["BLOCK_N"], block_d(head_dim)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(batch, heads, seq_q, device=q.device, dtype=torch.float32)
-    num_m_blocks = triton.cdiv(seq_q, block_m)
-    num_tiles = batch * heads * num_m_blocks
-    if num_tiles == 0:
+    if q.numel() == 0:
         return out, lse
     if seq_k == 0:  # no key: every row is empty (TMA cannot describe an empty tensor)
         if not accumulate:
             out.zero_()
             lse.fill_(float("-inf"))
         return out, lse
+    if cfg.get("path") == "gluon":
+        return gluon_fwd.gluon_launch(q, k, v, softmax_scale, causal, gluon_fwd.GluonConfig(
+            cfg["BLOCK_N"], cfg["STAGES"], cfg["PINGPONG"]), out, lse, accumulate)
+    block_m, block_n, width = cfg["BLOCK_M"], cfg["BLOCK_N"], block_d(head_dim)
+    num_m_blocks = triton.cdiv(seq_q, block_m)
+    num_tiles = batch * heads * num_m_blocks
     programs = num_tiles
     if cfg["PERSISTENT"]:
         sms = _num_sms(q.device) if q.is_cuda else _INTERPRETER_PROGRAMS
@@ -237,6 +243,30 @@ def _bucket(n: int) -> int:
     return min(triton.next_power_of_2(max(n, 1)), 16384)
 
 
+def kernel_path() -> str:
+    """``FA3DIST_KERNEL``: "gluon" or "tl" forces a path; unset or "auto" lets the tuner pick."""
+    path = os.environ.get("FA3DIST_KERNEL", "auto")
+    if path not in ("auto", "gluon", "tl"):
+        raise ValueError(f"FA3DIST_KERNEL must be gluon, tl or auto; got {path!r}")
+    return path
+
+
+def _gluon_configs(q: torch.Tensor, out: torch.Tensor | None) -> list[Config]:
+    """The Gluon kernel's candidates for this call, or none (with the reason logged once)."""
+    reason = gluon_fwd.gluon_supported(q, out)
+    if reason is not None:
+        if kernel_path() == "gluon":
+            _log_once(f"FA3DIST_KERNEL=gluon, but the Gluon forward cannot take this call ({reason}): using tl")
+        return []
+    return [{"path": "gluon", "BLOCK_N": c.block_n, "STAGES": c.stages, "PINGPONG": c.pingpong}
+            for c in gluon_fwd.GLUON_CONFIGS[q.shape[-1]]]
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    log.warning(message)
+
+
 def _choose_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
                    out: torch.Tensor | None, lse: torch.Tensor | None, accumulate: bool) -> Config:
     if _INTERPRET or not q.is_cuda or q.dtype == torch.float32:
@@ -250,7 +280,11 @@ def _choose_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sc
         targets = (None, None) if out is None else (out.clone(), lse.clone())
         return _launch(q, k, v, softmax_scale, causal, cfg, *targets, accumulate)
 
-    return pick_config(key, candidate_configs(head_dim, q.dtype), trial)
+    path = kernel_path()
+    candidates = [] if path == "tl" else _gluon_configs(q, out)
+    if path != "gluon" or not candidates:
+        candidates = candidate_configs(head_dim, q.dtype) + candidates
+    return pick_config((*key, path), candidates, trial)
 
 
 def _check_out(q: torch.Tensor, out: torch.Tensor | None, lse: torch.Tensor | None, accumulate: bool) -> None:
@@ -298,5 +332,6 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scal
         raise ValueError(f"flash_fwd needs CUDA tensors (or TRITON_INTERPRET=1 at import), got {q.device}")
     q, k, v = (tma_ready(t) for t in (q, k, v))
     cfg = _choose_config(q, k, v, softmax_scale, causal, out, lse, accumulate)
-    log.debug("flash_fwd %s %s causal=%s accumulate=%s with %s", tuple(q.shape), q.dtype, causal, accumulate, cfg)
+    log.debug("flash_fwd path=%s %s %s causal=%s accumulate=%s with %s", cfg.get("path", "tl"), tuple(q.shape), q.dtype,
+              causal, accumulate, cfg)
     return _launch(q, k, v, softmax_scale, causal, cfg, out, lse, accumulate)

@@ -38,6 +38,14 @@ def errors(backend, q, k, v, do, scale, causal, truth):
     return [relative_error(got, want) for got, want in zip((out, *grads), (truth[0], *truth[2]))], lse
 
 
+def cudnn_errors(q, k, v, do, scale, causal, truth):
+    """cuDNN's errors on the same inputs, or a fixed 1e-2 each where cuDNN refuses the shape (e.g. S = 1)."""
+    try:
+        return errors(get_backend("cudnn", "cuda"), q, k, v, do, scale, causal, truth)[0]
+    except RuntimeError:
+        return [1e-2 / FACTOR] * 4
+
+
 SHAPES = [(1000, 1000), (1, 1), (1, 700), (700, 1), (799, 3), (3, 799), (113, 203), (128, 217), (4224, 4224)]
 
 
@@ -51,7 +59,7 @@ def test_fa3_matches_float64_like_cudnn(seq_q, seq_k, causal, heads, kv_heads):
     scale = 128 ** -0.5
     truth = float64_truth(q, k, v, do, scale, causal)
     ours, lse = errors(get_backend("fa3", "cuda"), q, k, v, do, scale, causal, truth)
-    theirs, _ = errors(get_backend("cudnn", "cuda"), q, k, v, do, scale, causal, truth)
+    theirs = cudnn_errors(q, k, v, do, scale, causal, truth)
     assert lse.shape == (2, heads, seq_q) and lse.dtype == torch.float32
     assert relative_error(lse, truth[1]) < 1e-4
     for name, mine, peer in zip(("out", "dq", "dk", "dv"), ours, theirs):
@@ -65,7 +73,7 @@ def test_fa3_head_dims_and_dtypes(dim, dtype):
     scale = dim ** -0.5
     truth = float64_truth(q, k, v, do, scale, True)
     ours, _ = errors(get_backend("fa3", "cuda"), q, k, v, do, scale, True, truth)
-    theirs, _ = errors(get_backend("cudnn", "cuda"), q, k, v, do, scale, True, truth)
+    theirs = cudnn_errors(q, k, v, do, scale, True, truth)
     for mine, peer in zip(ours, theirs):
         assert mine <= FACTOR * peer + FLOOR
 
@@ -91,7 +99,7 @@ def test_fa3_backward_with_out_lse_merged_from_key_halves():
     dq = parts[0][0].float() + parts[1][0].float()
     dk = torch.cat([parts[0][1], parts[1][1]], 1)
     dv = torch.cat([parts[0][2], parts[1][2]], 1)
-    whole, _ = errors(get_backend("cudnn", "cuda"), q, k, v, do, scale, False, truth)
+    whole = cudnn_errors(q, k, v, do, scale, False, truth)
     for name, got, want, peer in zip(("dq", "dk", "dv"), (dq, dk, dv), truth[2], whole[1:]):
         assert relative_error(got, want) <= FACTOR * peer + FLOOR, name
 
