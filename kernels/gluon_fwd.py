@@ -4,8 +4,10 @@ The FA3 algorithm written out, with the parts plain ``tl`` hides made explicit:
 
 - Warp specialization, three partitions per CTA (``gl.warp_specialize``):
   - a loader (1 warp, 24 registers) that TMA-loads the Q tile once per tile and streams K and V
-    blocks through a ``STAGES``-deep shared-memory ring, guarded by mbarriers: ``k_ready``/``v_ready``
-    (the TMA transaction count completes them) and ``kv_empty`` (both consumers release a stage);
+    blocks through two ``STAGES``-deep shared-memory rings, guarded by mbarriers: ``k_ready``/
+    ``v_ready`` (the TMA transaction count completes them) and ``k_empty``/``v_empty`` (both
+    consumers release a slot: K as soon as S = Q K^T is done, V after P V). It loads K of block n
+    before V of block n - 1, the order the consumers need them in;
   - two consumer warpgroups (4 warps each, 240 registers), each owning 64 of the tile's 128 query
     rows and sharing every K/V stage. Registers move from the loader to the consumers through the
     partitions' register budgets (``worker_num_regs``; the default partition gets what ``maxnreg``
@@ -39,7 +41,8 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .tma import bhsd_view
@@ -95,13 +98,24 @@ def _tile(buf):
 # ---------------------------------------------------------------- loader partition
 
 @gluon.jit
+def _load_block(desc, smem, ready, empty, batch, kv_head, n, it):
+    """TMA-load K or V block n into stage it % STAGES once both consumers have released it."""
+    STAGES: gl.constexpr = smem.shape[0]
+    BLOCK_N: gl.constexpr = smem.shape[3]
+    stage = it % STAGES
+    mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
+    mbarrier.expect(ready.index(stage), desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(desc, [batch, kv_head, n * BLOCK_N, 0], ready.index(stage), smem.index(stage))
+
+
+@gluon.jit
 def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_k, heads, group, num_m_blocks, num_tiles,
             CAUSAL: gl.constexpr):
     """The TMA producer: each tile's Q, then its K and V blocks through the stage ring."""
     BLOCK_M: gl.constexpr = q_smem.shape[2]
     BLOCK_N: gl.constexpr = k_smem.shape[3]
     STAGES: gl.constexpr = k_smem.shape[0]
-    q_ready, q_empty, k_ready, v_ready, kv_empty, turn = bars
+    q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn = bars
     batch_heads = num_tiles // num_m_blocks
     it = 0
     t = 0
@@ -111,16 +125,12 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_k, heads, 
         mbarrier.expect(q_ready, q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [batch, head, m_block * BLOCK_M, 0], q_ready, q_smem)
         _, end = _key_blocks(m_block, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
-        for n in range(0, end):
-            stage = it % STAGES
-            mbarrier.wait(kv_empty.index(stage), ((it // STAGES) & 1) ^ 1)
-            mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [batch, kv_head, n * BLOCK_N, 0], k_ready.index(stage),
-                                            k_smem.index(stage))
-            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [batch, kv_head, n * BLOCK_N, 0], v_ready.index(stage),
-                                            v_smem.index(stage))
+        for n in range(0, end):  # K of block n, then V of block n - 1: V is needed one step after K
+            _load_block(k_desc, k_smem, k_ready, k_empty, batch, kv_head, n, it)
+            if n > 0:
+                _load_block(v_desc, v_smem, v_ready, v_empty, batch, kv_head, n - 1, it - 1)
             it += 1
+        _load_block(v_desc, v_smem, v_ready, v_empty, batch, kv_head, end - 1, it - 1)
         t += 1
 
 
@@ -161,49 +171,69 @@ def _pass_turn(turn, me: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _kv_loop(acc, m_i, l_i, p, q, k_smem, v_smem, bars, it, turns, n_lo, n_hi, rows, seq_k, qk_scale,
+def _p_operand(p, p_buf, p_layout: gl.constexpr, P_SMEM: gl.constexpr):
+    """P (fp16/bf16) as the A operand of P V: in registers (RS), or stored to this consumer's shared buffer (SS).
+
+    With RS, ptxas waits for the in-flight P V before the next softmax writes P's registers; with SS the
+    softmax never touches what the tensor cores read, and only the store waits for the product.
+    """
+    if P_SMEM:
+        p_buf.store(p)
+        fence_async_shared()
+        return p_buf
+    else:
+        return gl.convert_layout(p, p_layout)
+
+
+@gluon.jit
+def _kv_loop(acc, alpha, m_i, l_i, p, p_buf, q, k_smem, v_smem, bars, it, turns, n_lo, n_hi, rows, seq_k, qk_scale,
              me: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_N: gl.constexpr,
-             STAGES: gl.constexpr, CAUSAL: gl.constexpr, MASKED: gl.constexpr, PINGPONG: gl.constexpr):
+             STAGES: gl.constexpr, CAUSAL: gl.constexpr, MASKED: gl.constexpr, PINGPONG: gl.constexpr,
+             P_SMEM: gl.constexpr):
     """Steady state over key blocks [n_lo, n_hi): S_n and P_{n-1} V_{n-1} in flight together.
 
     On entry ``p`` holds P of block n_lo - 1 (already in ``l_i``/``m_i``), whose V is in stage
-    (it - 1) % STAGES and whose product with V is still to be issued.
+    (it - 1) % STAGES and whose product with V is still to be issued; ``alpha`` is the rescale O
+    owes for that block's new row maximum. O is rescaled while S_n runs, before P V is issued,
+    and nothing touches O between the wait for P V and the next iteration (FA3's order).
     """
-    q_ready, q_empty, k_ready, v_ready, kv_empty, turn = bars
+    q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn = bars
     ROWS: gl.constexpr = q.shape[0]
     for n in range(n_lo, n_hi):
         stage = it % STAGES
         prev = (it - 1) % STAGES
         mbarrier.wait(k_ready.index(stage), (it // STAGES) & 1)
-        mbarrier.wait(v_ready.index(prev), ((it - 1) // STAGES) & 1)
         _take_turn(turn, me, turns, PINGPONG)
         s_tok = warpgroup_mma(q, _tile(k_smem.index(stage)).permute((1, 0)),
                               gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout)), 1)
+        mbarrier.wait(v_ready.index(prev), ((it - 1) // STAGES) & 1)
         acc_tok = warpgroup_mma(p, _tile(v_smem.index(prev)), acc, is_async=True)
         _pass_turn(turn, me, PINGPONG)
         turns += 1
         s = warpgroup_mma_wait(1, deps=(s_tok,))
+        mbarrier.arrive(k_empty.index(stage), count=1)
         p_new, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, rows, n, seq_k, qk_scale, s_layout, BLOCK_N, CAUSAL,
                                                 MASKED)
         acc = warpgroup_mma_wait(0, deps=(acc_tok,))
-        mbarrier.arrive(kv_empty.index(prev), count=1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout)), 1)
-        p = gl.convert_layout(p_new.to(q.dtype), p_layout)
+        mbarrier.arrive(v_empty.index(prev), count=1)
+        p = _p_operand(p_new.to(q.dtype), p_buf, p_layout, P_SMEM)
         it += 1
-    return acc, m_i, l_i, p, it, turns
+    return acc, alpha, m_i, l_i, p, it, turns
 
 
 @gluon.jit
-def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr, PINGPONG: gl.constexpr):
+def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr, PINGPONG: gl.constexpr,
+              P_SMEM: gl.constexpr):
     """Consumer warpgroup ``me``: the attention of its 64 rows of every tile, and their epilogue."""
-    (q_smem, k_smem, v_smem, bars, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale, seq_q, seq_k, heads, group,
-     num_m_blocks, num_tiles) = args
+    (q_smem, k_smem, v_smem, p_smem, bars, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale, seq_q, seq_k, heads,
+     group, num_m_blocks, num_tiles) = args
     BLOCK_M: gl.constexpr = q_smem.shape[2]
     HEAD_DIM: gl.constexpr = q_smem.shape[3]
     BLOCK_N: gl.constexpr = k_smem.shape[3]
     STAGES: gl.constexpr = k_smem.shape[0]
     ROWS: gl.constexpr = BLOCK_M // 2
-    q_ready, q_empty, k_ready, v_ready, kv_empty, turn = bars
+    q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn = bars
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -212,6 +242,10 @@ def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.const
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     batch_heads = num_tiles // num_m_blocks
     q = _tile(q_smem).slice(me * ROWS, ROWS)
+    if P_SMEM:
+        p_buf = p_smem.index(me)
+    else:
+        p_buf = p_smem
     it = 0
     turns = 0
     t = 0
@@ -232,22 +266,24 @@ def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.const
         _pass_turn(turn, me, PINGPONG)
         turns += 1
         s = warpgroup_mma_wait(0, deps=(s_tok,))
+        mbarrier.arrive(k_empty.index(stage), count=1)
         p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, rows, 0, seq_k, qk_scale, s_layout, BLOCK_N, CAUSAL, True)
-        p = gl.convert_layout(p.to(q.dtype), p_layout)
+        p = _p_operand(p.to(q.dtype), p_buf, p_layout, P_SMEM)
         it += 1
         full_end = gl.maximum(gl.minimum(first_masked, end), 1)
-        acc, m_i, l_i, p, it, turns = _kv_loop(acc, m_i, l_i, p, q, k_smem, v_smem, bars, it, turns, 1, full_end,
-                                               rows, seq_k, qk_scale, me, s_layout, p_layout, BLOCK_N, STAGES,
-                                               CAUSAL, False, PINGPONG)
-        acc, m_i, l_i, p, it, turns = _kv_loop(acc, m_i, l_i, p, q, k_smem, v_smem, bars, it, turns, full_end, end,
-                                               rows, seq_k, qk_scale, me, s_layout, p_layout, BLOCK_N, STAGES,
-                                               CAUSAL, True, PINGPONG)
+        acc, alpha, m_i, l_i, p, it, turns = _kv_loop(
+            acc, alpha, m_i, l_i, p, p_buf, q, k_smem, v_smem, bars, it, turns, 1, full_end, rows, seq_k, qk_scale,
+            me, s_layout, p_layout, BLOCK_N, STAGES, CAUSAL, False, PINGPONG, P_SMEM)
+        acc, alpha, m_i, l_i, p, it, turns = _kv_loop(
+            acc, alpha, m_i, l_i, p, p_buf, q, k_smem, v_smem, bars, it, turns, full_end, end, rows, seq_k, qk_scale,
+            me, s_layout, p_layout, BLOCK_N, STAGES, CAUSAL, True, PINGPONG, P_SMEM)
         mbarrier.arrive(q_empty, count=1)  # every S of this tile is done: the loader may fetch the next Q
         prev = (it - 1) % STAGES
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout)), 1)
         mbarrier.wait(v_ready.index(prev), ((it - 1) // STAGES) & 1)
         acc = warpgroup_mma(p, _tile(v_smem.index(prev)), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc,))
-        mbarrier.arrive(kv_empty.index(prev), count=1)
+        mbarrier.arrive(v_empty.index(prev), count=1)
         _epilogue(acc, m_i, l_i, rows, batch, head, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, seq_q,
                   o_layout, HEAD_DIM, ACCUMULATE)
         t += 1
@@ -290,31 +326,39 @@ def _epilogue(acc, m_i, l_i, rows, batch, head, o_ptr, lse_ptr, s_ob, s_os, s_oh
 @gluon.jit
 def _fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale, seq_q, seq_k, heads,
                 group, num_m_blocks, num_tiles, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                STAGES: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr, PINGPONG: gl.constexpr):
+                STAGES: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr, PINGPONG: gl.constexpr,
+                P_SMEM: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    if P_SMEM:  # one P buffer per consumer warpgroup
+        p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, BLOCK_N],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, BLOCK_N], dtype))
+    else:
+        p_smem = q_smem  # unused
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_ready, count=1)
     mbarrier.init(q_empty, count=2)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(kv_empty.index(i), count=2)
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
     for i in gl.static_range(2):
         mbarrier.init(turn.index(i), count=1)
-    bars = (q_ready, q_empty, k_ready, v_ready, kv_empty, turn)
-    consumer_args = (q_smem, k_smem, v_smem, bars, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale, seq_q, seq_k,
+    bars = (q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn)
+    consumer_args = (q_smem, k_smem, v_smem, p_smem, bars, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale, seq_q, seq_k,
                      heads, group, num_m_blocks, num_tiles)
     gl.warp_specialize([
-        (_consumer, (consumer_args, 0, CAUSAL, ACCUMULATE, PINGPONG)),
-        (_consumer, (consumer_args, 1, CAUSAL, ACCUMULATE, PINGPONG)),
+        (_consumer, (consumer_args, 0, CAUSAL, ACCUMULATE, PINGPONG, P_SMEM)),
+        (_consumer, (consumer_args, 1, CAUSAL, ACCUMULATE, PINGPONG, P_SMEM)),
         (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_k, heads, group, num_m_blocks, num_tiles,
                    CAUSAL)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
@@ -324,22 +368,23 @@ def _fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, 
 
 @dataclass(frozen=True)
 class GluonConfig:
-    """A launch configuration of the Gluon forward: key block rows, pipeline depth, ping-pong."""
+    """A launch configuration of the Gluon forward: key block rows, pipeline depth, ping-pong, P in shared memory."""
 
     block_n: int
     stages: int
     pingpong: bool
-
-    def smem_bytes(self, head_dim: int, elem_bytes: int = 2) -> int:
-        return (BLOCK_M + 2 * self.stages * self.block_n) * head_dim * elem_bytes
+    p_smem: bool = False
 
 
 # Candidates per head dim, the first the default. FA3's own sm90 tiles are 128 x 128 at D = 64 and
 # 128 (176 non-causal at 128) and 128 x 80 at D = 256; TMA boxes here must be powers of two.
 GLUON_CONFIGS: dict[int, list[GluonConfig]] = {
-    64: [GluonConfig(128, 2, True), GluonConfig(128, 3, True), GluonConfig(128, 2, False), GluonConfig(64, 3, True)],
-    128: [GluonConfig(128, 2, True), GluonConfig(128, 2, False), GluonConfig(64, 3, True), GluonConfig(128, 3, True)],
-    256: [GluonConfig(64, 2, True), GluonConfig(64, 2, False), GluonConfig(32, 3, True)],
+    64: [GluonConfig(128, 3, True), GluonConfig(128, 2, True, True), GluonConfig(128, 3, True, True),
+         GluonConfig(128, 4, True), GluonConfig(128, 3, False)],
+    128: [GluonConfig(128, 3, True), GluonConfig(128, 2, True, True), GluonConfig(64, 4, True, True),
+          GluonConfig(128, 3, False), GluonConfig(64, 4, True)],
+    256: [GluonConfig(64, 2, True), GluonConfig(64, 2, True, True), GluonConfig(32, 3, True, True),
+          GluonConfig(64, 2, False)],
 }
 
 
@@ -390,5 +435,5 @@ def gluon_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), softmax_scale * LOG2E,
         seq_q, seq_k, heads, heads // kv_heads, num_m_blocks, num_tiles,
         HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal,
-        ACCUMULATE=accumulate, PINGPONG=cfg.pingpong, num_warps=4, maxnreg=MAXNREG, **({"grid": (programs,)} if warmup else {}))
+        ACCUMULATE=accumulate, PINGPONG=cfg.pingpong, P_SMEM=cfg.p_smem, num_warps=4, maxnreg=MAXNREG, **({"grid": (programs,)} if warmup else {}))
     return compiled if warmup else (out, lse)
