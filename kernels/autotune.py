@@ -159,7 +159,7 @@ def pick_config(key: TuningKey, configs: Sequence[Config], launch: Callable[[Con
     name = json.dumps(key, sort_keys=True)
     cached = _load(name, key, configs)
     if cached is not None:
-        log.info("autotune %s: cached choice %s", key["kind"], cached)
+        log.info("autotune %s: cached choice %s", key.get("kind"), cached)
         _CHOICES[memo] = cached
         return cached
     timer = timer or _do_bench_ms
@@ -170,7 +170,7 @@ def pick_config(key: TuningKey, configs: Sequence[Config], launch: Callable[[Con
             outs = launch(cfg)
             errors = [relative_error(o, b) for o, b in zip(outs, baseline)]
             if max(errors) > tolerance:
-                log.warning("autotune %s: candidate %s rejected: relative errors %s", key["kind"], cfg, errors)
+                log.warning("autotune %s: candidate %s rejected: relative errors %s", key.get("kind"), cfg, errors)
                 continue
             timings.append((timer(lambda cfg=cfg: launch(cfg)), index))
         except Exception as err:  # reported, then skipped (or raised when the CUDA context is gone)
@@ -178,7 +178,7 @@ def pick_config(key: TuningKey, configs: Sequence[Config], launch: Callable[[Con
     if not timings:
         raise RuntimeError(f"no config passed verification for {key}")
     best = configs[min(timings)[1]]
-    log.info("autotune %s: tuned %s -> %s (%.3f ms)", key["kind"], key, best, min(timings)[0])
+    log.info("autotune %s: tuned %s -> %s (%.3f ms)", key.get("kind"), key, best, min(timings)[0])
     _CHOICES[memo] = best
     _store(name, key, best)
     return best
