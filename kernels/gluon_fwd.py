@@ -33,8 +33,6 @@ Shapes: D in {64, 128, 256}, fp16/bf16, sm_90. Everything else uses the ``tl`` k
 
 from __future__ import annotations
 
-import functools
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -45,11 +43,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .common import LOG2E, TL_LN2, TL_LOG2E, num_sms
 from .tma import bhsd_view
 
-log = logging.getLogger("fa3dist.kernels")
-
-LOG2E = 1.4426950408889634
 GLUON_HEAD_DIMS = (64, 128, 256)
 GLUON_DTYPES = (torch.float16, torch.bfloat16)
 BLOCK_M = 128  # query rows per tile: 64 per consumer warpgroup
@@ -306,7 +302,7 @@ def _epilogue(acc, m_i, l_i, rows, batch, head, o_ptr, lse_ptr, s_ob, s_os, s_oh
     lse_ptrs = lse_ptr + batch.to(gl.int64) * s_lb + head.to(gl.int64) * s_lh + rows
     row_mask = rows < seq_q
     if ACCUMULATE:  # merge with the running (out, lse): weights exp(lse_x - lse_merged)
-        prev2 = gl.load(lse_ptrs, mask=row_mask, other=float("-inf")) * 1.4426950408889634
+        prev2 = gl.load(lse_ptrs, mask=row_mask, other=float("-inf")) * TL_LOG2E
         top = gl.maximum(prev2, lse2)
         top = gl.where(top == float("-inf"), 0.0, top)  # both empty: weights 0, no NaN
         w_prev = gl.exp2(prev2 - top)
@@ -318,13 +314,13 @@ def _epilogue(acc, m_i, l_i, rows, batch, head, o_ptr, lse_ptr, s_ob, s_os, s_oh
                + out * gl.expand_dims(gl.convert_layout(w_blk * inv_total, o_rows), 1))
         lse2 = gl.where(total > 0.0, top + gl.log2(total), float("-inf"))
     gl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=o_mask)
-    gl.store(lse_ptrs, lse2 * 0.6931471805599453, mask=row_mask)
+    gl.store(lse_ptrs, lse2 * TL_LN2, mask=row_mask)
 
 
 # ---------------------------------------------------------------- kernel
 
 @gluon.jit
-def _fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale, seq_q, seq_k, heads,
+def _gluon_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale, seq_q, seq_k, heads,
                 group, num_m_blocks, num_tiles, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                 STAGES: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr, PINGPONG: gl.constexpr,
                 P_SMEM: gl.constexpr):
@@ -410,30 +406,21 @@ def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     return TensorDescriptor(view, shape, strides, block, layout)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def gluon_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
                  cfg: GluonConfig, out: torch.Tensor, lse: torch.Tensor, accumulate: bool, *,
-                 num_programs: int | None = None, warmup: bool = False):
-    """Run the Gluon forward on checked, TMA-ready inputs into ``out``/``lse`` (merging with ``accumulate``).
-
-    ``warmup=True`` compiles without launching and returns the compiled kernel (tools/cross_compile.py).
-    """
+                 num_programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the Gluon forward on checked, TMA-ready inputs into ``out``/``lse`` (merging with ``accumulate``)."""
     batch, seq_q, heads, head_dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     num_m_blocks = triton.cdiv(seq_q, BLOCK_M)
     num_tiles = batch * heads * num_m_blocks
     if num_tiles == 0:
         return out, lse
-    programs = min(num_tiles, num_programs or _num_sms(q.device))
-    launch = _fwd_kernel.warmup if warmup else _fwd_kernel[(programs,)]
-    compiled = launch(
+    programs = min(num_tiles, num_programs or num_sms(q.device))
+    _gluon_fwd_kernel[(programs,)](
         _descriptor(q, BLOCK_M), _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n), out, lse,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), softmax_scale * LOG2E,
         seq_q, seq_k, heads, heads // kv_heads, num_m_blocks, num_tiles,
         HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal,
-        ACCUMULATE=accumulate, PINGPONG=cfg.pingpong, P_SMEM=cfg.p_smem, num_warps=4, maxnreg=MAXNREG, **({"grid": (programs,)} if warmup else {}))
-    return compiled if warmup else (out, lse)
+        ACCUMULATE=accumulate, PINGPONG=cfg.pingpong, P_SMEM=cfg.p_smem, num_warps=4, maxnreg=MAXNREG)
+    return out, lse

@@ -29,13 +29,14 @@ class Backend:
     bwd: BwdFn
     cuda_only: bool
     fwd_accumulates: bool = False
+    bwd_accumulates: bool = False
 
 
 def _triton() -> Backend:
     from .triton_bwd import flash_bwd
     from .triton_fwd import flash_fwd
 
-    return Backend("triton", flash_fwd, flash_bwd, cuda_only=False, fwd_accumulates=True)
+    return Backend("triton", flash_fwd, flash_bwd, cuda_only=False, fwd_accumulates=True, bwd_accumulates=True)
 
 
 _FACTORIES: dict[str, Callable[[], Backend]] = {

@@ -62,7 +62,7 @@ def sweep(args) -> list[dict]:
         for cfg in gluon_fwd.GLUON_CONFIGS[dim]:
             out = torch.full_like(q, float("nan"))
             lse = torch.empty(batch, heads, seq, device="cuda")
-            impls[f"gluon {cfg.block_n}/{cfg.stages}/{'pp' if cfg.pingpong else 'no-pp'}"] = (
+            impls[f"gluon {cfg.block_n}/{cfg.stages}/{'pp' if cfg.pingpong else 'no-pp'}{'/ss' if cfg.p_smem else ''}"] = (
                 lambda cfg=cfg, out=out, lse=lse: gluon_fwd.gluon_launch(q, k, v, scale, causal, cfg, out, lse, False))
         for name, fn in impls.items():
             row = {**base, "impl": name}

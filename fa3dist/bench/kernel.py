@@ -3,7 +3,8 @@
 For every head dim D, sequence length S and causal setting: B = tokens / S sequences of
 H = model_dim / D heads, fresh random inputs, forward and backward, TFLOP/s as the FlashAttention
 papers count them, each implementation timed in the same process. Our output and gradients are
-checked against cuDNN's before they are timed.
+checked against cuDNN's before they are timed. A failing peer becomes an error row; our own kernel
+failing or disagreeing with cuDNN fails the run (after the results are written).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from fa3dist.config import check_choices
+from fa3dist.kernels.common import paths_taken
 from fa3dist.kernels.numerics import relative_error
 
 from .common import DTYPES, attention_flops, gpu_tag, markdown_table, run_meta, time_ms, write_results
@@ -132,7 +134,16 @@ def run_kernel_bench(cfg: KernelBenchConfig) -> tuple[dict[str, Any], list[dict[
             del outputs
         del q, k, v, do
         torch.cuda.empty_cache()
-    return run_meta(1, skipped_peers=skipped), rows
+    taken = sorted({path for paths in paths_taken().values() for path in paths})
+    return run_meta(1, fa3dist_kernel="+".join(taken) or None, skipped_peers=skipped), rows
+
+
+def check_own_rows(rows: list[dict[str, Any]]) -> None:
+    """Raise RuntimeError when our kernel ("fa3dist") failed or disagreed with cuDNN in any cell."""
+    failed = sorted({f"{r['dtype']} D={r['D']} S={r['S']} causal={r['causal']}: {r['error']}"
+                     for r in rows if r["impl"] == "fa3dist" and r.get("error")})
+    if failed:
+        raise RuntimeError(f"fa3dist failed or disagreed with cuDNN in {len(failed)} cell(s):\n" + "\n".join(failed))
 
 
 def kernel_markdown(rows: list[dict[str, Any]]) -> str:
@@ -155,7 +166,10 @@ def kernel_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def write_kernel_results(cfg: KernelBenchConfig, out_dir: str, plot: bool) -> list[str]:
-    """Run the bench and write JSON, Markdown (and PNG); return the paths written."""
+    """Run the bench and write JSON, Markdown (and PNG); return the paths written.
+
+    Raises RuntimeError, once the results are written, when our own kernel failed in any cell.
+    """
     meta, rows = run_kernel_bench(cfg)
     meta["config"] = dataclasses.asdict(cfg)
     stem = f"kernel-{gpu_tag(meta)}-{meta['date']}"
@@ -164,4 +178,8 @@ def write_kernel_results(cfg: KernelBenchConfig, out_dir: str, plot: bool) -> li
         from .plot import plot_kernel
 
         paths += plot_kernel(rows, out_dir, stem)
+    try:
+        check_own_rows(rows)
+    except RuntimeError as err:
+        raise RuntimeError(f"{err}\nresults written to {', '.join(paths)}") from None
     return paths

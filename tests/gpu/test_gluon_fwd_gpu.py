@@ -49,7 +49,8 @@ def _run(q, k, v, scale, causal, cfg, out=None, lse=None, accumulate=False):
     if out is None:
         out = torch.full_like(q, float("nan"))
         lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("nan"), device="cuda")
-    dict_cfg = {"path": "gluon", "BLOCK_N": cfg.block_n, "STAGES": cfg.stages, "PINGPONG": cfg.pingpong}
+    dict_cfg = {"path": "gluon", "BLOCK_N": cfg.block_n, "STAGES": cfg.stages, "PINGPONG": cfg.pingpong,
+                "P_SMEM": cfg.p_smem}
     return _launch(q, k, v, scale, causal, dict_cfg, out, lse, accumulate)
 
 
