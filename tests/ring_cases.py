@@ -64,17 +64,67 @@ def ring_errors(rank: int, world_size: int, backend: str = "reference",
     return results
 
 
-def disagreeing_call(rank: int, world_size: int, field: str) -> str:
-    """Call the ring with one rank's input differing in ``field``; return the error text."""
-    seq = 8 if (field == "seq" and rank == 1) else 4
-    dtype = torch.float64 if (field == "dtype" and rank == 1) else torch.float32
-    causal = field == "causal" and rank == 1
-    q = torch.randn(1, seq, 2, 8, dtype=dtype)
-    try:
-        ring_fa3_attention(q, q, q, causal=causal, backend="reference")
-    except ValueError as err:
-        return str(err)
-    return "no error"
+# Calls whose inputs differ on rank 1 (or fail rank 1's own checks); "agree" differs nowhere.
+DISAGREEMENTS = {
+    "seq": {"seq": 8},
+    "dtype": {"dtype": torch.bfloat16},
+    "causal": {"causal": True},
+    "softmax_scale": {"softmax_scale": 0.2},
+    "layout": {"layout": "contiguous"},
+    "bad dtype on one rank": {"dtype": torch.int32},
+    "odd zigzag shard on one rank": {"seq": 5},
+    "agree": {},
+}
+
+
+def disagreeing_calls(rank: int, world_size: int) -> dict[str, str]:
+    """Every ``DISAGREEMENTS`` call in turn on this rank: the error it raised ("Type: message"), or "ok"."""
+    results = {}
+    for name, on_rank1 in DISAGREEMENTS.items():
+        call = {"seq": 4, "dtype": torch.float32, "causal": False, "softmax_scale": 0.1, "layout": "zigzag"}
+        call.update(on_rank1 if rank == 1 else {})
+        q = torch.randn(1, call["seq"], 2, 8).to(call["dtype"])
+        try:
+            ring_fa3_attention(q, q, q, causal=call["causal"], softmax_scale=call["softmax_scale"],
+                               layout=call["layout"], backend="reference")
+            results[name] = "ok"
+        except (TypeError, ValueError) as err:
+            results[name] = f"{type(err).__name__}: {err}"
+    return results
+
+
+def host_only_check(rank: int, world_size: int) -> dict[str, str]:
+    """The rank check on fake CUDA tensors (no data, no device) in a "cpu:gloo,cuda:gloo" group.
+
+    On this CPU-only build any device tensor the check made, or any data it read, would raise.
+    Returns what agreeing ranks, disagreeing ranks and a sub-group of ranks 0 and 2 (rank 1 stays
+    out) got; also whether the sub-group's gloo side group was made once.
+    """
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fa3dist.api import check_ring_call
+    from fa3dist.ring import agree
+
+    with FakeTensorMode():
+        q = torch.empty(1, 8, 4, 16, device="cuda", dtype=torch.bfloat16)
+        kv = torch.empty(1, 8, 2, 16, device="cuda", dtype=torch.bfloat16)
+
+    def attempt(group=None, scale=0.25):
+        try:
+            got, backend = check_ring_call(q, kv, kv, causal=True, softmax_scale=scale, group=group,
+                                           layout="zigzag", backend="reference")
+            return f"ok {got} {backend.name}"
+        except ValueError as err:
+            return f"ValueError: {err}"
+
+    results = {"agree": attempt(), "disagree": attempt(scale=0.25 if rank else 0.5)}
+    sub = dist.new_group([0, 2], backend="cpu:gloo,cuda:gloo")
+    if rank != 1:
+        results["subgroup"] = attempt(sub)
+        results["subgroup again"] = attempt(sub)
+        results["side groups"] = str(sorted(agree._SIDE_GROUPS[dist.group.WORLD]))
+    return results
 
 
 def unshard_round_trip(rank: int, world_size: int) -> bool:
