@@ -8,6 +8,7 @@ import zlib
 import torch
 
 from fa3dist import ring_fa3_attention, shard_sequence
+from fa3dist.kernels import Backend
 from fa3dist.kernels.numerics import relative_error
 from fa3dist.kernels.reference import reference_bwd, reference_fwd
 
@@ -138,3 +139,45 @@ def unshard_round_trip(rank: int, world_size: int) -> bool:
         if not torch.equal(unshard_sequence(local, layout=layout, seq_dim=dim), full):
             return False
     return True
+
+
+def flash_like_backend(fwd_accumulates: bool, bwd_accumulates: bool) -> Backend:
+    """A backend that allocates what a flash kernel allocates (its outputs) and computes nothing:
+    the ring's own memory use, measured on the CPU."""
+    def fwd(q, k, v, *, softmax_scale, causal, out=None, lse=None, accumulate=False):
+        if out is not None:
+            return out, lse
+        return torch.zeros_like(q), torch.zeros(q.shape[0], q.shape[2], q.shape[1])
+
+    def bwd(do, q, k, v, out, lse, *, softmax_scale, causal, dq=None, dk=None, dv=None, accumulate=False):
+        if dq is None and dk is None:
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return dq, dk, dv
+
+    return Backend("flash-like", fwd, bwd, cuda_only=False, fwd_accumulates=fwd_accumulates,
+                   bwd_accumulates=bwd_accumulates)
+
+
+def ring_peak_bytes_per_token(rank: int, world_size: int, tokens: int = 64) -> dict[str, float]:
+    """Peak bytes per local token of one ring fwd+bwd (inputs and gradients included) at H=32,
+    H_kv=8, D=128 in bfloat16, for a backend that accumulates in its kernels and for one that does not."""
+    from fa3dist.api import attention
+    from fa3dist.bench.memory import peak_bytes
+    from fa3dist.ring import ProcessGroupRing
+
+    gen = torch.Generator().manual_seed(rank)
+    q, do = (torch.randn(1, tokens, 32, 128, generator=gen).bfloat16() for _ in range(2))
+    k, v = (torch.randn(1, tokens, 8, 128, generator=gen).bfloat16() for _ in range(2))
+    for t in (q, k, v):
+        t.requires_grad_()
+    results = {}
+    for name, flags in (("accumulating", (True, True)), ("plain", (False, False))):
+        backend = flash_like_backend(*flags)
+
+        def step():
+            out, _ = attention(q, k, v, ProcessGroupRing(), causal=True, softmax_scale=0.1, layout="zigzag",
+                               backend=backend)
+            out.backward(do)
+
+        results[name] = peak_bytes(step, [q, k, v, do]) / tokens
+    return results

@@ -32,9 +32,7 @@ def merge_block_torch_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor
     """``merge_block_`` in PyTorch operations (any device and float dtype)."""
     diff = torch.nan_to_num(lse_b - lse, nan=float("-inf"))  # -inf - -inf: nothing to add
     weight = torch.sigmoid(diff).transpose(1, 2).unsqueeze(-1)
-    # out + weight * (out_b - out); lerp needs out_b in out's dtype
-    if into is None:
-        out.lerp_(out_b.to(out.dtype), weight)
-    else:
-        into.copy_(torch.lerp(out, out_b.to(out.dtype), weight))
+    out.lerp_(out_b.to(out.dtype), weight)  # out + weight * (out_b - out); lerp needs one dtype
+    if into is not None:
+        into.copy_(out)
     lse.copy_(torch.logaddexp(lse, lse_b))

@@ -106,19 +106,21 @@ def ring_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         task = block_task(ring.rank, source_rank(ring.rank, step, ring.world_size), seq,
                           layout=layout, causal=causal)
         accumulate = step > 0
+        if task is not None:
+            rows, kv_rows = task.q_rows, task.kv_rows
+            block = (do[:, rows], q[:, rows], kv[0][:, kv_rows], kv[1][:, kv_rows], out[:, rows], lse[:, :, rows])
+            opts = dict(softmax_scale=softmax_scale, causal=task.causal)
+            if not backend.bwd_accumulates:  # needs no accumulator: runs while it arrives
+                dq_b, dk_b, dv_b = backend.bwd(*block, **opts)
         if pending_dkv is None:
             dkv = torch.empty((2, *k.shape), dtype=acc, device=q.device)
         else:
             (dkv,) = pending_dkv.wait()  # needed now: this step's dK/dV go into it
             pending_dkv = None  # let the accumulator sent last step go
         if task is not None:
-            rows, kv_rows = task.q_rows, task.kv_rows
-            block = (do[:, rows], q[:, rows], kv[0][:, kv_rows], kv[1][:, kv_rows], out[:, rows], lse[:, :, rows])
-            opts = dict(softmax_scale=softmax_scale, causal=task.causal)
             if backend.bwd_accumulates:
                 backend.bwd(*block, **opts, dk=dkv[0][:, kv_rows], dv=dkv[1][:, kv_rows], accumulate=accumulate)
             else:
-                dq_b, dk_b, dv_b = backend.bwd(*block, **opts)
                 _write(dkv[0][:, kv_rows], dk_b, accumulate)
                 _write(dkv[1][:, kv_rows], dv_b, accumulate)
                 del dk_b, dv_b
