@@ -23,10 +23,10 @@ def _merge_kernel(out_ptr, lse_ptr, blk_ptr, blk_lse_ptr, dst_ptr, seq, heads, h
                   o_sb, o_ss, o_sh, b_sb, b_ss, b_sh, d_sb, d_ss, d_sh,
                   l_sb, l_sh, l_ss, m_sb, m_sh, m_ss,
                   BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: a shard of 1M+ tokens passes 2**31 elements
     batch = bh // heads
     head = bh % heads
-    rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < seq
     lse_at = lse_ptr + batch * l_sb + head * l_sh + rows * l_ss
