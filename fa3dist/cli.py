@@ -115,7 +115,8 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     from .bench.common import command_line
 
     values = {"world_size": args.world_size, "device": args.device, "repeat": args.repeat, "results_dir": args.out,
-              "plot": args.plot or None, "launcher": args.launcher, "command": command_line()}
+              "plot": args.plot or None, "launcher": args.launcher, "command": command_line(),
+              "max_context": args.max_context or None}
     cfg = load_config(ScalingConfig, args.config, args.set, **values)
     cfg = _resolve_world(dataclasses.replace(cfg, world_size=cfg.world_size or max(cfg.world_sizes)), cpu_default=2)
     cfg = dataclasses.replace(cfg, out=_run_dir(cfg.out, "scaling"))
@@ -204,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     scaling.add_argument("--out", help="folder for the JSON and Markdown results (default bench/results)")
     scaling.add_argument("--repeat", type=int, help="measure everything N times (soak runs)")
     scaling.add_argument("--plot", action="store_true", help="also write PNG charts (needs matplotlib)")
+    scaling.add_argument("--max-context", action="store_true",
+                         help="instead: measure one fwd+bwd's peak memory at the max_context_tokens_per_rank sizes, "
+                              "predict the longest sequence that fits the GPUs, and confirm it with one timed run")
     scaling.set_defaults(func=cmd_scaling)
     _bench_parser(bench_sub, "ring", "the ring schedule's overhead on one GPU (virtual ranks)",
                   "Run the ring's exact per-step schedule for W virtual ranks on one GPU, without communication, "

@@ -22,6 +22,13 @@ class Backend:
     A backend whose ``fwd`` also takes ``out=, lse=, accumulate=`` (write into given fp32 buffers,
     or merge into the attention they hold) says so with ``fwd_accumulates``; the ring then merges
     inside the kernel instead of in a separate pass.
+
+    A backend whose ``bwd`` also takes ``dq=, dk=, dv=, accumulate=`` says so with
+    ``bwd_accumulates``. The buffers are float32 (float64 for float64 inputs), shaped like q, k and
+    v (row-slice views allowed). ``bwd`` adds the block's gradients into them (``accumulate=True``)
+    or writes them (False), computes only the gradients whose buffers it is given (dk and dv come
+    together), and returns (dq, dk, dv) with None for a gradient not asked for. The ring asks for
+    dK/dV and for dQ in two calls per step, so that it can send dK/dV on before the dQ work.
     """
 
     name: str
@@ -40,7 +47,8 @@ def _triton() -> Backend:
 
 
 _FACTORIES: dict[str, Callable[[], Backend]] = {
-    "reference": lambda: Backend("reference", reference.reference_fwd, reference.reference_bwd, cuda_only=False),
+    "reference": lambda: Backend("reference", reference.reference_fwd, reference.reference_bwd, cuda_only=False,
+                                 bwd_accumulates=True),
     "cudnn": lambda: Backend("cudnn", sdpa.cudnn_fwd, sdpa.cudnn_bwd, cuda_only=True),
     "flash2": lambda: Backend("flash2", sdpa.flash2_fwd, sdpa.flash2_bwd, cuda_only=True),
     "triton": _triton,
