@@ -35,7 +35,7 @@ from fa3dist.ring import LoopbackRing, ProcessGroupRing
 def kind(name: str) -> str:
     if "nccl" in name.lower():
         return "nccl"
-    if name.startswith(("_fwd_kernel", "_bwd_")) or "attention" in name.lower() or "flash" in name.lower():
+    if name.startswith(("_fwd_kernel", "_gluon_fwd", "_bwd_")) or "attention" in name.lower() or "flash" in name.lower():
         return "attention"
     return "other"
 

@@ -134,7 +134,7 @@ def write_ring_results(cfg: RingBenchConfig, out_dir: str, plot: bool) -> list[s
     """Run the bench and write JSON, Markdown (and PNG); return the paths written."""
     meta, rows = run_ring_bench(cfg)
     meta["config"] = dataclasses.asdict(cfg)
-    stem = f"ring-{gpu_tag(meta)}-{meta['date']}"
+    stem = f"ring-{gpu_tag(meta)}-{meta['date']}-{rows[0]['backend']}"
     paths = [str(p) for p in write_results(out_dir, stem, meta, rows, ring_markdown(rows))]
     if plot:
         from .plot import plot_lines

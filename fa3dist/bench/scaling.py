@@ -252,7 +252,8 @@ def run_scaling(cfg: ScalingConfig, ctx) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     meta = run_meta(ctx.world_size, launcher=cfg.launcher, config=dataclasses.asdict(cfg))
     meta["command"] = cfg.command or meta["command"]
-    stem = f"scaling-{gpu_tag(meta)}x{ctx.world_size}-{meta['date']}-{cfg.launcher}"
+    backend = get_backend(cfg.backend, ctx.device, DTYPES[cfg.dtype]).name
+    stem = f"scaling-{gpu_tag(meta)}x{ctx.world_size}-{meta['date']}-{cfg.launcher}-{backend}"
     paths: list[str] = []
     for rep, causal, world, seq, pass_ in tqdm(todo, desc="bench scaling", unit="point", disable=ctx.rank != 0):
         for row in _measure_point(cfg, ctx, world, seq, causal, pass_, groups.get(world)):
