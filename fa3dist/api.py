@@ -1,5 +1,6 @@
 """Public attention functions: one device (``fa3_attention``) and a sequence-parallel ring
-(``ring_fa3_attention``), both differentiable in q, k and v."""
+(``ring_fa3_attention``), both differentiable in q, k and v. They check their inputs and call the
+custom ops of ``fa3dist.ops``, which ``torch.compile`` keeps in its graph."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import struct
 import torch
 import torch.distributed as dist
 
-from .kernels import BACKEND_NAMES, Backend, get_backend
+from .kernels import BACKEND_NAMES, Backend
 from .kernels.checks import check_qkv, resolve_scale
 from .layout import check_layout
-from .ring import LoopbackRing, ProcessGroupRing, Ring, ring_backward, ring_forward
+from .ops import LOCAL, attention_op, group_name
+from .ring import Ring, ring_backward, ring_forward
 from .ring.schedule import LAYOUTS
 
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
@@ -64,9 +66,7 @@ def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     _check_options(causal, return_lse, "zigzag")
     check_qkv(q, k, v, causal=causal)
     scale = resolve_scale(softmax_scale, q.shape[-1])
-    kernels = get_backend(backend, q.device)
-    out, lse = attention(q, k, v, LoopbackRing(0, 1), causal=causal, softmax_scale=scale,
-                         layout="zigzag", backend=kernels)
+    out, lse = attention_op(q, k, v, causal, scale, "zigzag", backend, LOCAL)
     return (out, lse) if return_lse else out
 
 
@@ -111,19 +111,5 @@ def ring_fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
         raise ValueError(f"q has {q.shape[1]} local tokens and k/v have {k.shape[1]}; the ring needs "
                          "q, k and v sharded alike")
     scale = resolve_scale(softmax_scale, q.shape[-1])
-    kernels = get_backend(backend, q.device)
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        pg_backend = dist.get_backend(group)
-        needed = "cpu" if pg_backend == "gloo" else "cuda"
-        if q.device.type != needed:
-            raise ValueError(f"q is on {q.device} but the process group's backend {pg_backend!r} "
-                             f"needs tensors on {needed}")
-        _check_ranks_agree(_rank_metadata(q, k, causal, scale, layout, kernels.name), group, q.device)
-        if layout == "zigzag" and q.shape[1] % 2:
-            raise ValueError(f"layout 'zigzag' needs an even local sequence length (two chunks per rank); "
-                             f"got {q.shape[1]}")
-        ring: Ring = ProcessGroupRing(group)
-    else:
-        ring = LoopbackRing(0, 1)
-    out, lse = attention(q, k, v, ring, causal=causal, softmax_scale=scale, layout=layout, backend=kernels)
+    out, lse = attention_op(q, k, v, causal, scale, layout, backend, group_name(group))
     return (out, lse) if return_lse else out
