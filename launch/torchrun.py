@@ -62,7 +62,10 @@ def launch_torchrun(cfg: LaunchOptions, world_size: int, *, max_restarts: int = 
            f"--max-restarts={max_restarts}", "-m", "fa3dist.launch.torchrun", job_name(cfg),
            "--config", str(config_file), "--run-dir", cfg.out]
     log.info("running %s", " ".join(cmd))
-    code = subprocess.run(cmd).returncode
+    # A restart must not reuse the rendezvous store of the failed attempt: its stale addresses make
+    # the new process group connect to dead ranks (pytorch/pytorch#135712).
+    env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1") if max_restarts else None
+    code = subprocess.run(cmd, env=env).returncode
     if code != 0:
         raise RankFailedError(None, f"torchrun exited with code {code}; its report above names the failing rank")
     return json.loads((Path(cfg.out) / "result.json").read_text())

@@ -72,13 +72,14 @@ class Trainer:
         self.positions = shard_positions(cfg.seq_len, world_size=world_size, rank=rank, layout=cfg.layout,
                                          device=device)
 
-    def _shard(self, x: torch.Tensor) -> torch.Tensor:
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full (B, S) batch tensor, on its device."""
         return shard_sequence(x, world_size=self.world_size, rank=self.rank, layout=self.cfg.layout).to(self.device)
 
     def forward_backward(self, batch: Batch) -> torch.Tensor:
         """Loss and gradients of ``batch``, summed over the group; returns (loss, accuracy) of the
         whole batch as a tensor (all ranks hold the same values once reduced)."""
-        inputs, targets = self._shard(batch.inputs), self._shard(batch.targets)
+        inputs, targets = self.shard(batch.inputs), self.shard(batch.targets)
         counted = batch.counted
         with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext():
             logits = self.forward(inputs, self.positions)
@@ -146,6 +147,7 @@ def run_train(cfg: TrainConfig, ctx) -> dict[str, Any]:
     flops = flops_per_step(trainer.model.cfg, count_parameters(trainer.model, exclude_embedding=True),
                            cfg.batch_size, cfg.seq_len)
     peak = peak_flops(ctx.device) if trainer.autocast else None
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
     checkpoints = Path(cfg.out) / "checkpoints"
     train_log = TrainLog(Path(cfg.out) / "train_log.jsonl")
     start = 0
