@@ -191,6 +191,7 @@ def run_train(cfg: TrainConfig, ctx) -> dict[str, Any]:
     memories = [peak_memory] * ctx.world_size
     if ctx.world_size > 1:
         dist.all_gather_object(memories, peak_memory)
-    return {"job": "train", "world_size": ctx.world_size, "device": str(ctx.device), "parameters": n_params,
+    gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else None
+    return {"job": "train", "world_size": ctx.world_size, "device": str(ctx.device), "gpu": gpu, "parameters": n_params,
             "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "steps": cfg.steps, "resumed_at": start,
             "final": record, "flops_per_step": flops, "peak_memory_gib": memories, "out": cfg.out}

@@ -9,6 +9,7 @@ checkpointing is not counted, as usual for MFU.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +79,31 @@ def plot_loss(log_path: str | Path, png_path: str | Path, title: str = "") -> Pa
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return Path(png_path)
+
+
+def summarize_run(run_dir: str | Path, title: str = "") -> str:
+    """A Markdown summary of a finished run: losses, throughput and MFU after warm-up, peak memory.
+
+    Throughput is the median over the logged intervals after the first two, which hold the
+    compilation and warm-up steps.
+    """
+    run_dir = Path(run_dir)
+    records = TrainLog(run_dir / "train_log.jsonl").read()
+    result = json.loads((run_dir / "result.json").read_text())
+    steady = records[2:] if len(records) > 3 else records
+    mfu = [r["mfu"] for r in steady if r["mfu"] is not None]
+    memory = result["peak_memory_gib"]
+    cells = {
+        "device": f"{result['world_size']} x {result.get('gpu') or result['device']}",
+        "parameters": f"{result['parameters'] / 1e6:.1f} M",
+        "tokens per step": f"{result['seq_len']} x {result['batch_size']} sequences",
+        "steps": str(records[-1]["step"] + 1),
+        "loss (first, last)": f"{records[0]['loss']:.4f}, {records[-1]['loss']:.4f}",
+        "accuracy (last)": f"{records[-1]['accuracy']:.3f}",
+        "tokens/s": f"{statistics.median(r['tokens_per_s'] for r in steady):.0f}",
+        "s per step": f"{statistics.median(r['step_s'] for r in steady):.3f}",
+        "MFU": f"{statistics.median(mfu):.3f}" if mfu else "n/a",
+        "peak memory per GPU (GiB)": ", ".join(f"{m:.1f}" for m in memory) if memory[0] is not None else "n/a",
+    }
+    return "\n".join([f"# {title or run_dir.name}", "", "| | |", "|---|---|",
+                      *(f"| {key} | {value} |" for key, value in cells.items())]) + "\n"
