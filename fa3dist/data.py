@@ -95,7 +95,8 @@ class TokenFile:
         if len(self.tokens) < seq_len + 1:
             raise ValueError(f"token_file {str(path)!r} holds {len(self.tokens)} tokens; a sequence needs "
                              f"seq_len + 1 = {seq_len + 1}")
-        self.path, self.vocab_size, self.seq_len, self.batch_size, self.seed = path, vocab_size, seq_len, batch_size, seed
+        self.path, self.vocab_size, self.seq_len = path, vocab_size, seq_len
+        self.batch_size, self.seed = batch_size, seed
 
     def batch(self, step: int) -> Batch:
         starts = _rng(self.seed, step).integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)

@@ -171,7 +171,8 @@ def recall_accuracy(rank: int, world_size: int) -> dict[str, float]:
             logits = trainer.model(trainer.shard(unseen.inputs), trainer.positions)
         targets = trainer.shard(unseen.targets)
         asked = targets != IGNORE
-        accuracy["shard_only" if shard_only else "ring"] = float((logits.argmax(-1)[asked] == targets[asked]).float().mean())
+        correct = logits.argmax(-1)[asked] == targets[asked]
+        accuracy["shard_only" if shard_only else "ring"] = correct.float().mean().item()
     return accuracy
 
 

@@ -33,9 +33,6 @@ from .metrics import TrainLog, flops_per_step, peak_flops
 
 log = logging.getLogger("fa3dist.train")
 
-PARAM_DTYPES = {"float64": torch.float64}  # any other precision keeps float32 weights
-
-
 def learning_rate(cfg: TrainConfig, step: int) -> float:
     """Linear warm-up over ``warmup_steps``, then cosine decay from ``lr`` to ``min_lr`` at ``steps``."""
     if step < cfg.warmup_steps:
@@ -61,7 +58,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = Transformer(cfg.model_config(), layout=cfg.layout, backend=cfg.backend, shard_only=cfg.shard_only,
                                  activation_checkpointing=cfg.activation_checkpointing)
-        self.model.to(device=device, dtype=PARAM_DTYPES.get(cfg.precision, torch.float32))
+        self.model.to(device=device, dtype=torch.float64 if cfg.precision == "float64" else torch.float32)
         self.forward = torch.compile(self.model, fullgraph=True) if cfg.compile else self.model
         matrices = [p for p in self.model.parameters() if p.dim() >= 2]
         others = [p for p in self.model.parameters() if p.dim() < 2]
