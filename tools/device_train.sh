@@ -2,7 +2,7 @@
 # fa3dist train at 256K tokens of context on 2 H200s (configs/train_h200x2.yaml, torchrun, NCCL).
 # Usage: bash tools/device_train.sh MODE...   with MODE eager or compile (torch.compile, fullgraph);
 # one mode per device call keeps each call under 10 minutes. TRAIN_STEPS (default 100) sets the
-# steps, TRAIN_TIMEOUT (default 560 s) bounds each run. For each mode it writes to $OUT/train-<mode>/:
+# steps, TRAIN_TIMEOUT (default 540 s) bounds each run. For each mode it writes to $OUT/train-<mode>/:
 # train_log.jsonl, loss.png, result.json, summary.md (tokens/s, MFU, peak memory per GPU), the rank
 # logs and the console output. Checkpoints stay under /tmp (1.7 GB), out of $OUT.
 set -u
@@ -19,7 +19,7 @@ for mode in "$@"; do
   esac
   run=$RUNS/$mode; dest=$OUT/train-$mode; rm -rf "$run"; mkdir -p "$dest"
   echo "== $(date +%T) $mode: ${TRAIN_STEPS:-100} steps"
-  timeout "${TRAIN_TIMEOUT:-560}" python3 -m fa3dist.cli train --config configs/train_h200x2.yaml --launcher torchrun \
+  timeout "${TRAIN_TIMEOUT:-540}" python3 -m fa3dist.cli train --config configs/train_h200x2.yaml --launcher torchrun \
     --out "$run" --set steps="${TRAIN_STEPS:-100}" --plot $flags > "$dest/console.txt" 2>&1
   echo "exit code $?" >> "$dest/console.txt"
   tail -5 "$dest/console.txt"
