@@ -1,5 +1,7 @@
 """Public attention functions: one device (``fa3_attention``) and a sequence-parallel ring
-(``ring_fa3_attention``), both differentiable in q, k and v."""
+(``ring_fa3_attention``), both differentiable in q, k and v. They call the custom ops of
+``fa3dist.ops``, which ``torch.compile`` keeps in its graph; the checks of a ring call run inside
+the op (``check_ring_call``), so that every rank takes part in the rank exchange."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import torch.distributed as dist
 from .kernels import Backend, get_backend
 from .kernels.checks import check_qkv, resolve_scale
 from .layout import check_layout
-from .ring import LoopbackRing, ProcessGroupRing, Ring, ring_backward, ring_forward
+from .ops import LOCAL, attention_op, group_name
+from .ring import Ring, ring_backward, ring_forward
 from .ring.agree import CallSignature, check_ranks_agree
 
 
@@ -60,9 +63,8 @@ def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     _check_options(causal, return_lse, "zigzag")
     check_qkv(q, k, v, causal=causal)
     scale = resolve_scale(softmax_scale, q.shape[-1])
-    kernels = get_backend(backend, q.device, q.dtype)
-    out, lse = attention(q, k, v, LoopbackRing(0, 1), causal=causal, softmax_scale=scale,
-                         layout="zigzag", backend=kernels)
+    get_backend(backend, q.device, q.dtype)  # an unknown or unusable backend fails here, by name
+    out, lse = attention_op(q, k, v, causal, scale, "zigzag", backend, LOCAL)
     return (out, lse) if return_lse else out
 
 
@@ -128,10 +130,14 @@ def ring_fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
     is this rank's shard of the attention output over the whole sequence; with ``return_lse`` also
     its float32 log-sum-exp (B, H, S/W). Without an initialised process group, or with one rank,
     it runs the local kernel. Differentiable in q, k and v. A bad input on any rank, or ranks that
-    disagree, raise the same error on every rank.
+    disagree, raise the same error on every rank (only arguments of the wrong type for the op, such
+    as a non-tensor q, fail at once on the rank that passed them).
     """
-    scale, kernels = check_ring_call(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group,
-                                     layout=layout, backend=backend, return_lse=return_lse)
-    ring: Ring = ProcessGroupRing(group) if _ring_world_size(group) > 1 else LoopbackRing(0, 1)
-    out, lse = attention(q, k, v, ring, causal=causal, softmax_scale=scale, layout=layout, backend=kernels)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    name = group_name(group)
+    if name == LOCAL:  # one rank: the checks raise here
+        softmax_scale, _ = check_ring_call(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group,
+                                           layout=layout, backend=backend)
+    out, lse = attention_op(q, k, v, causal, softmax_scale, layout, backend, name)
     return (out, lse) if return_lse else out

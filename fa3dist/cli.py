@@ -128,6 +128,59 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch_train(cfg: LaunchOptions, args: argparse.Namespace) -> dict[str, Any]:
+    """Launch the training job; after a failed rank relaunch it from its last checkpoint, at most
+    --max-restarts times (torchrun restarts its ranks itself and they resume on their own)."""
+    if args.launcher == "torchrun":
+        from fa3dist.launch.torchrun import launch_torchrun
+
+        return launch_torchrun(cfg, cfg.world_size, max_restarts=args.max_restarts)
+    restarts = 0
+    while True:
+        try:
+            return _launch(cfg, args.launcher, args.ray_address)
+        except RankFailedError as err:
+            if restarts == args.max_restarts:
+                raise
+            restarts += 1
+            print(f"fa3dist train: {err}\nrestarting from the last checkpoint (restart {restarts} of "
+                  f"{args.max_restarts})", file=sys.stderr, flush=True)
+            cfg = dataclasses.replace(cfg, resume=True)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig
+    from .train.metrics import plot_loss
+
+    values = {"world_size": args.world_size, "device": args.device, "resume": args.resume or None,
+              "compile": args.compile or None}
+    cfg = _resolve_world(load_config(TrainConfig, args.config, args.set, **values), cpu_default=2)
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts must not be negative, got {args.max_restarts}")
+    if cfg.resume and not args.out:
+        raise ConfigError("--resume needs --out: the run folder whose checkpoints to continue from")
+    parts = num_chunks(cfg.world_size, cfg.layout)
+    if cfg.seq_len % parts:
+        raise ConfigError(f"seq_len {cfg.seq_len} does not split into {parts} equal chunks "
+                          f"(layout {cfg.layout}, world_size {cfg.world_size})")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(cfg, out=args.out or _run_dir(cfg.out, "train"))
+    print(f"fa3dist train: {cfg.world_size} ranks on {cfg.device} ({args.launcher}), {cfg.steps} steps of "
+          f"{cfg.batch_size} x {cfg.seq_len} tokens; run folder {cfg.out}", flush=True)
+    result = _launch_train(cfg, args)
+    final = result["final"]
+    mfu = f", MFU {final['mfu']:.3f}" if final.get("mfu") is not None else ""
+    memory = result["peak_memory_gib"]
+    peak = f", peak memory per GPU {', '.join(f'{m:.1f}' for m in memory)} GiB" if memory[0] is not None else ""
+    print(f"step {final['step']}: loss {final['loss']:.4f}, accuracy {final['accuracy']:.3f}, "
+          f"{final['tokens_per_s']:.0f} tokens/s{mfu}{peak}")
+    if args.plot:
+        print(f"wrote {plot_loss(Path(cfg.out) / 'train_log.jsonl', Path(cfg.out) / 'loss.png')}")
+    print(f"log: {Path(cfg.out) / 'train_log.jsonl'}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "kernel":
         from .bench.kernel import KernelBenchConfig as cls, write_kernel_results as run
@@ -154,7 +207,7 @@ def _bench_parser(sub, name: str, help_: str, description: str, default_config: 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fa3dist",
-        description="Exact ring attention for long sequences: run the demo, benchmarks and scaling runs.")
+        description="Exact ring attention for long sequences: run the demo, benchmarks, scaling runs and training.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -187,6 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--fail-mode", choices=["raise", "exit", "hang"], help="how it fails (default raise)")
     check.add_argument("--timeout-s", type=float, help="process-group timeout in seconds (default 60)")
     check.set_defaults(func=cmd_check)
+
+    train = sub.add_parser(
+        "train", help="train a Llama-style model over the ring (long context, checkpoints, restarts)",
+        description="Train a small Llama-style decoder whose attention runs over the sequence-parallel ring: every "
+                    "rank holds the same weights and its own slice of every sequence. Writes train_log.jsonl and "
+                    "checkpoints into the run folder; --resume continues from the last complete checkpoint, and "
+                    "--max-restarts relaunches the job from it after a rank fails.")
+    _add_launch_args(train, "YAML settings, e.g. configs/train_tiny.yaml or configs/train_h200x2.yaml")
+    train.add_argument("--out", help="run folder for logs and checkpoints (default runs/train-<time>)")
+    train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    train.add_argument("--compile", action="store_true", help="torch.compile the model (fullgraph)")
+    train.add_argument("--max-restarts", type=int, default=0,
+                       help="after a rank fails, restart from the last checkpoint up to N times (default 0)")
+    train.add_argument("--plot", action="store_true", help="also draw the loss curve to loss.png (needs matplotlib)")
+    train.set_defaults(func=cmd_train)
 
     bench = sub.add_parser("bench", help="benchmarks (kernel, ring, scaling)",
                            description="Benchmarks that write JSON and Markdown results (and PNG with --plot).")

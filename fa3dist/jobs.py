@@ -14,8 +14,10 @@ def _registry() -> dict[str, tuple[type, Callable[..., dict[str, Any]]]]:
     from .bench.scaling import ScalingConfig, run_scaling
     from .check import CheckConfig, run_check
     from .demo import DemoConfig, run_demo
+    from .train import TrainConfig, run_train
 
-    return {"demo": (DemoConfig, run_demo), "scaling": (ScalingConfig, run_scaling), "check": (CheckConfig, run_check)}
+    return {"demo": (DemoConfig, run_demo), "scaling": (ScalingConfig, run_scaling), "check": (CheckConfig, run_check),
+            "train": (TrainConfig, run_train)}
 
 
 def job_names() -> list[str]:

@@ -49,18 +49,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def launch_torchrun(cfg: LaunchOptions, world_size: int) -> dict[str, Any]:
+def launch_torchrun(cfg: LaunchOptions, world_size: int, *, max_restarts: int = 0) -> dict[str, Any]:
     """Run ``cfg``'s job under ``torchrun --standalone`` on this host; return rank 0's result.
 
-    torchrun stops every rank when one fails and prints that rank's error; this then raises
-    ``RankFailedError``.
+    torchrun stops every rank when one fails and prints that rank's error; it then restarts all
+    ranks up to ``max_restarts`` times (TORCHELASTIC_RESTART_COUNT tells the job), and after that
+    this raises ``RankFailedError``.
     """
     config_file = Path(cfg.out) / "config.yaml"
     config_file.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
-           "-m", "fa3dist.launch.torchrun", job_name(cfg), "--config", str(config_file), "--run-dir", cfg.out]
+           f"--max-restarts={max_restarts}", "-m", "fa3dist.launch.torchrun", job_name(cfg),
+           "--config", str(config_file), "--run-dir", cfg.out]
     log.info("running %s", " ".join(cmd))
-    code = subprocess.run(cmd).returncode
+    # A restart must not reuse the rendezvous store of the failed attempt: its stale addresses make
+    # the new process group connect to dead ranks (pytorch/pytorch#135712).
+    env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1") if max_restarts else None
+    code = subprocess.run(cmd, env=env).returncode
     if code != 0:
         raise RankFailedError(None, f"torchrun exited with code {code}; its report above names the failing rank")
     return json.loads((Path(cfg.out) / "result.json").read_text())
