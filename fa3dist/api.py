@@ -1,20 +1,19 @@
 """Public attention functions: one device (``fa3_attention``) and a sequence-parallel ring
-(``ring_fa3_attention``), both differentiable in q, k and v."""
+(``ring_fa3_attention``), both differentiable in q, k and v. They call the custom ops of
+``fa3dist.ops``, which ``torch.compile`` keeps in its graph; the checks of a ring call run inside
+the op (``check_ring_call``), so that every rank takes part in the rank exchange."""
 
 from __future__ import annotations
-
-import struct
 
 import torch
 import torch.distributed as dist
 
-from .kernels import BACKEND_NAMES, Backend, get_backend
+from .kernels import Backend, get_backend
 from .kernels.checks import check_qkv, resolve_scale
 from .layout import check_layout
-from .ring import LoopbackRing, ProcessGroupRing, Ring, ring_backward, ring_forward
-from .ring.schedule import LAYOUTS
-
-_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+from .ops import LOCAL, attention_op, group_name
+from .ring import Ring, ring_backward, ring_forward
+from .ring.agree import CallSignature, check_ranks_agree
 
 
 class _RingAttention(torch.autograd.Function):
@@ -64,34 +63,61 @@ def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     _check_options(causal, return_lse, "zigzag")
     check_qkv(q, k, v, causal=causal)
     scale = resolve_scale(softmax_scale, q.shape[-1])
-    kernels = get_backend(backend, q.device)
-    out, lse = attention(q, k, v, LoopbackRing(0, 1), causal=causal, softmax_scale=scale,
-                         layout="zigzag", backend=kernels)
+    get_backend(backend, q.device, q.dtype)  # an unknown or unusable backend fails here, by name
+    out, lse = attention_op(q, k, v, causal, scale, "zigzag", backend, LOCAL)
     return (out, lse) if return_lse else out
 
 
-def _rank_metadata(q, k, causal, scale, layout, backend) -> list[int]:
-    scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
-    return [*q.shape, k.shape[2], _DTYPE_CODES[q.dtype], int(causal), LAYOUTS.index(layout),
-            scale_bits, BACKEND_NAMES.index(backend)]
+def _ring_world_size(group: dist.ProcessGroup | None) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
-_METADATA_FIELDS = ("batch", "seq_local", "heads", "head_dim", "kv_heads", "dtype", "causal", "layout",
-                    "softmax_scale", "backend")
+def _check_ring_inputs(q, k, v, *, causal, softmax_scale, group, layout, backend, return_lse,
+                       world_size: int) -> tuple[float, Backend]:
+    """This rank's own checks of a ring call: raise TypeError/ValueError, else (scale, backend)."""
+    _check_options(causal, return_lse, layout)
+    check_qkv(q, k, v, causal=causal)
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"q has {q.shape[1]} local tokens and k/v have {k.shape[1]}; the ring needs "
+                         "q, k and v sharded alike")
+    scale = resolve_scale(softmax_scale, q.shape[-1])
+    kernels = get_backend(backend, q.device, q.dtype)
+    if world_size > 1:
+        pg_backend = dist.get_backend(group)
+        needed = "cpu" if pg_backend == "gloo" else "cuda"
+        if q.device.type != needed:
+            raise ValueError(f"q is on {q.device} but the process group's backend {pg_backend!r} "
+                             f"needs tensors on {needed}")
+        if layout == "zigzag" and q.shape[1] % 2:
+            raise ValueError(f"layout 'zigzag' needs an even local sequence length (two chunks per rank); "
+                             f"got {q.shape[1]}")
+    return scale, kernels
 
 
-def _check_ranks_agree(meta: list[int], group: dist.ProcessGroup | None, device: torch.device) -> None:
-    """All-gather every rank's call metadata and raise the same error on every rank if they differ."""
-    world_size = dist.get_world_size(group)
-    local = torch.tensor(meta, dtype=torch.int64, device=device)
-    gathered = [torch.empty_like(local) for _ in range(world_size)]
-    dist.all_gather(gathered, local, group=group)
-    rows = torch.stack(gathered).tolist()
-    bad = [(name, [row[i] for row in rows]) for i, name in enumerate(_METADATA_FIELDS)
-           if len({row[i] for row in rows}) > 1]
-    if bad:
-        detail = "; ".join(f"{name} per rank = {values}" for name, values in bad)
-        raise ValueError(f"ring_fa3_attention: ranks disagree on their inputs: {detail}")
+def check_ring_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                    softmax_scale: float | None, group: dist.ProcessGroup | None, layout: str, backend: str,
+                    return_lse: bool = False) -> tuple[float, Backend]:
+    """Every check of a ``ring_fa3_attention`` call; returns (softmax_scale, backend) resolved.
+
+    With more than one rank, every rank of ``group`` must call it, and every rank gets the same
+    error when any rank's own check fails or the ranks disagree on shapes, dtype or options. That
+    exchange runs on the host over a gloo group and never waits on a device (``check_ranks_agree``).
+    Reads only the tensors' metadata.
+    """
+    world_size = _ring_world_size(group)
+    signature, error = None, None
+    try:
+        scale, kernels = _check_ring_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group,
+                                            layout=layout, backend=backend, return_lse=return_lse,
+                                            world_size=world_size)
+        signature = CallSignature.of(q, k, causal=causal, layout=layout, softmax_scale=scale, backend=kernels.name)
+    except (TypeError, ValueError) as err:
+        if world_size == 1:
+            raise
+        error = err
+    if world_size > 1:
+        check_ranks_agree(signature, error, group)  # raises on every rank, or on none
+    return scale, kernels
 
 
 def ring_fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -103,27 +129,15 @@ def ring_fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
     (B, S/W, H_kv, D), all sharded with the same ``layout`` ("zigzag" or "contiguous"). The result
     is this rank's shard of the attention output over the whole sequence; with ``return_lse`` also
     its float32 log-sum-exp (B, H, S/W). Without an initialised process group, or with one rank,
-    it runs the local kernel. Differentiable in q, k and v.
+    it runs the local kernel. Differentiable in q, k and v. A bad input on any rank, or ranks that
+    disagree, raise the same error on every rank (only arguments of the wrong type for the op, such
+    as a non-tensor q, fail at once on the rank that passed them).
     """
-    _check_options(causal, return_lse, layout)
-    check_qkv(q, k, v, causal=causal)
-    if k.shape[1] != q.shape[1]:
-        raise ValueError(f"q has {q.shape[1]} local tokens and k/v have {k.shape[1]}; the ring needs "
-                         "q, k and v sharded alike")
-    scale = resolve_scale(softmax_scale, q.shape[-1])
-    kernels = get_backend(backend, q.device)
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        pg_backend = dist.get_backend(group)
-        needed = "cpu" if pg_backend == "gloo" else "cuda"
-        if q.device.type != needed:
-            raise ValueError(f"q is on {q.device} but the process group's backend {pg_backend!r} "
-                             f"needs tensors on {needed}")
-        _check_ranks_agree(_rank_metadata(q, k, causal, scale, layout, kernels.name), group, q.device)
-        if layout == "zigzag" and q.shape[1] % 2:
-            raise ValueError(f"layout 'zigzag' needs an even local sequence length (two chunks per rank); "
-                             f"got {q.shape[1]}")
-        ring: Ring = ProcessGroupRing(group)
-    else:
-        ring = LoopbackRing(0, 1)
-    out, lse = attention(q, k, v, ring, causal=causal, softmax_scale=scale, layout=layout, backend=kernels)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    name = group_name(group)
+    if name == LOCAL:  # one rank: the checks raise here
+        softmax_scale, _ = check_ring_call(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group,
+                                           layout=layout, backend=backend)
+    out, lse = attention_op(q, k, v, causal, softmax_scale, layout, backend, name)
     return (out, lse) if return_lse else out

@@ -52,16 +52,31 @@ def _prepare(cfg: LaunchOptions, args: argparse.Namespace, cpu_default: int) -> 
 
 
 def run_launched_job(args: argparse.Namespace, job: str, values: dict[str, Any], *, cpu_default: int,
-                     fill: Callable[[Any], Any] = lambda cfg: cfg, details: Callable[[Any], str] = lambda cfg: "") -> int:
+                     fill: Callable[[Any], Any] = lambda cfg: cfg, details: Callable[[Any], str] = lambda cfg: "",
+                     run_dir: str | None = None, max_restarts: int = 0) -> int:
     """Load, check and launch ``job``, print its summary, return its exit code. ``values`` are the
-    command's options (None: not given), ``fill`` sets job-specific defaults, ``details`` adds to
-    the first line printed."""
+    command's options (None: not given), ``fill`` sets job-specific defaults (and may refuse the
+    config with ConfigError), ``details`` adds to the first line printed. The run folder is
+    ``run_dir``, or a new ``<out>/<job>-<time>``. After a failed rank the job is relaunched with
+    ``resume`` set, at most ``max_restarts`` times (for jobs that resume from a checkpoint)."""
     cfg = fill(load_config(config_class(job), args.config, args.set, **values))
     cfg = _prepare(cfg, args, cpu_default)
-    cfg = dataclasses.replace(cfg, out=_run_dir(cfg.out, job))
+    if run_dir:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(cfg, out=run_dir or _run_dir(cfg.out, job))
     print(f"fa3dist {job}: {cfg.world_size} ranks on {cfg.device} ({args.launcher}){details(cfg)}; logs in {cfg.out}",
           flush=True)
-    text, code = summary(job, launch(cfg, args.launcher, ray_address=args.ray_address))
+    for restart in range(max_restarts + 1):
+        try:
+            result = launch(cfg, args.launcher, ray_address=args.ray_address)
+            break
+        except RankFailedError as err:
+            if restart == max_restarts:
+                raise
+            print(f"fa3dist {job}: {err}\nrestarting from the last checkpoint (restart {restart + 1} of "
+                  f"{max_restarts})", file=sys.stderr, flush=True)
+            cfg = dataclasses.replace(cfg, resume=True)
+    text, code = summary(job, result)
     print(text)
     return code
 
@@ -93,9 +108,26 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     from .bench.common import command_line
 
     values = {"world_size": args.world_size, "device": args.device, "repeat": args.repeat, "results_dir": args.out,
-              "plot": args.plot or None, "launcher": args.launcher, "command": command_line()}
+              "plot": args.plot or None, "launcher": args.launcher, "command": command_line(),
+              "max_context": args.max_context or None}
     return run_launched_job(args, "scaling", values, cpu_default=2,
                             fill=lambda cfg: dataclasses.replace(cfg, world_size=cfg.world_size or max(cfg.world_sizes)))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts must not be negative, got {args.max_restarts}")
+
+    def fill(cfg: Any) -> Any:
+        if cfg.resume and not args.out:
+            raise ConfigError("--resume needs --out: the run folder whose checkpoints to continue from")
+        return cfg
+
+    values = {"world_size": args.world_size, "device": args.device, "resume": args.resume or None,
+              "compile": args.compile or None, "plot": args.plot or None}
+    return run_launched_job(args, "train", values, cpu_default=2, fill=fill, run_dir=args.out,
+                            max_restarts=args.max_restarts,
+                            details=lambda c: f", {c.steps} steps of {c.batch_size} x {c.seq_len} tokens")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -132,7 +164,7 @@ def _bench_parser(sub, name: str, help_: str, description: str, default_config: 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fa3dist",
-        description="Exact ring attention for long sequences: run the demo, benchmarks and scaling runs.")
+        description="Exact ring attention for long sequences: run the demo, benchmarks, scaling runs and training.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr, and show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -167,6 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--timeout-s", type=float, help="process-group timeout in seconds (default 60)")
     check.set_defaults(func=cmd_check)
 
+    train = sub.add_parser(
+        "train", help="train a Llama-style model over the ring (long context, checkpoints, restarts)",
+        description="Train a small Llama-style decoder whose attention runs over the sequence-parallel ring: every "
+                    "rank holds the same weights and its own slice of every sequence. Writes train_log.jsonl and "
+                    "checkpoints into the run folder; --resume continues from the last complete checkpoint, and "
+                    "--max-restarts relaunches the job from it after a rank fails.")
+    _add_launch_args(train, "YAML settings, e.g. configs/train_tiny.yaml or configs/train_h200x2.yaml")
+    train.add_argument("--out", help="run folder for logs and checkpoints (default runs/train-<time>)")
+    train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    train.add_argument("--compile", action="store_true", help="torch.compile the model (fullgraph)")
+    train.add_argument("--max-restarts", type=int, default=0,
+                       help="after a rank fails, restart from the last checkpoint up to N times (default 0)")
+    train.add_argument("--plot", action="store_true", help="also draw the loss curve to loss.png (needs matplotlib)")
+    train.set_defaults(func=cmd_train)
+
     bench = sub.add_parser("bench", help="benchmarks (kernel, ring, scaling)",
                            description="Benchmarks that write JSON and Markdown results (and PNG with --plot).")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -184,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     scaling.add_argument("--out", help="folder for the JSON and Markdown results (default bench/results)")
     scaling.add_argument("--repeat", type=int, help="measure everything N times (soak runs)")
     scaling.add_argument("--plot", action="store_true", help="also write PNG charts (needs matplotlib)")
+    scaling.add_argument("--max-context", action="store_true",
+                         help="instead: measure one fwd+bwd's peak memory at the max_context_tokens_per_rank sizes, "
+                              "predict the longest sequence that fits the GPUs, and confirm it with one timed run")
     scaling.set_defaults(func=cmd_scaling)
     _bench_parser(bench_sub, "ring", "the ring schedule's overhead on one GPU (virtual ranks)",
                   "Run the ring's exact per-step schedule for W virtual ranks on one GPU, without communication, "

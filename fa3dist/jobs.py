@@ -28,10 +28,12 @@ def _registry() -> dict[str, Job]:
     from .bench.scaling import ScalingConfig, run_scaling
     from .check import CheckConfig, check_summary, run_check
     from .demo import DemoConfig, demo_summary, run_demo
+    from .train import TrainConfig, run_train, train_summary
 
     return {"demo": Job(DemoConfig, run_demo, demo_summary),
             "scaling": Job(ScalingConfig, run_scaling, _scaling_summary),
-            "check": Job(CheckConfig, run_check, check_summary)}
+            "check": Job(CheckConfig, run_check, check_summary),
+            "train": Job(TrainConfig, run_train, train_summary)}
 
 
 def job_names() -> list[str]:

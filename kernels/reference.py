@@ -53,12 +53,47 @@ def reference_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_
     return out.reshape(batch, seq_q, heads, head_dim).to(q.dtype), lse.reshape(batch, heads, seq_q)
 
 
+def _check_grad_buffers(q: torch.Tensor, k: torch.Tensor, dq: torch.Tensor | None, dk: torch.Tensor | None,
+                        dv: torch.Tensor | None) -> None:
+    if (dk is None) != (dv is None):
+        raise ValueError("dk and dv must be given together")
+    for name, buf, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, k)):
+        if buf is None:
+            continue
+        if not isinstance(buf, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(buf).__name__}")
+        if buf.shape != like.shape:
+            raise ValueError(f"{name} must have shape {tuple(like.shape)}, got {tuple(buf.shape)}")
+        if buf.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name} must be float32 or float64, got {buf.dtype}")
+        if buf.device != q.device:
+            raise ValueError(f"{name} is on {buf.device}; expected q's device {q.device}")
+
+
+def _store(grad: torch.Tensor, buf: torch.Tensor | None, accumulate: bool, dtype: torch.dtype) -> torch.Tensor:
+    """``grad`` added into (or written to) ``buf``, or without a buffer converted to ``dtype``."""
+    if buf is None:
+        return grad.to(dtype)
+    return buf.add_(grad) if accumulate else buf.copy_(grad)
+
+
 def reference_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  out: torch.Tensor, lse: torch.Tensor, *, softmax_scale: float,
-                  causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention backward for a given out/lse: returns dq, dk, dv in the inputs' dtypes."""
+                  out: torch.Tensor, lse: torch.Tensor, *, softmax_scale: float, causal: bool,
+                  dq: torch.Tensor | None = None, dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
+                  accumulate: bool = False):
+    """Attention backward for a given out/lse: returns dq, dk, dv in the inputs' dtypes.
+
+    With buffers (``dq``, and ``dk`` with ``dv``: float32/float64, shaped like q, k, v, views
+    allowed) only the gradients given are computed; they are added into the buffers
+    (``accumulate=True``) or written there, and (dq, dk, dv) is returned with None for a gradient
+    not asked for.
+    """
     check_qkv(q, k, v, causal=causal)
     check_bwd_inputs(do, q, out, lse)
+    into_buffers = dq is not None or dk is not None or dv is not None
+    if into_buffers:
+        _check_grad_buffers(q, k, dq, dk, dv)
+    want_dq, want_dkv = (dq is not None, dk is not None) if into_buffers else (True, True)
     batch, seq_q, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     acc = _acc_dtype(q.dtype)
@@ -66,10 +101,14 @@ def reference_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     kf, vf = k.to(acc), v.to(acc)
     lse_g = lse.to(acc).reshape(batch, kv_heads, heads // kv_heads, seq_q)
     p, _ = _probabilities(qg, kf, softmax_scale, causal, lse_g)
-    dv = torch.einsum("bhgqk,bqhgd->bkhd", p, dog)
     dp = torch.einsum("bqhgd,bkhd->bhgqk", dog, vf)
     delta = (dog * outg).sum(-1).permute(0, 2, 3, 1)  # (B, H_kv, G, Sq)
     ds = p * (dp - delta.unsqueeze(-1))
-    dq = torch.einsum("bhgqk,bkhd->bqhgd", ds, kf) * softmax_scale
-    dk = torch.einsum("bhgqk,bqhgd->bkhd", ds, qg) * softmax_scale
-    return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    grads = [None, None, None]
+    if want_dq:
+        grad_q = torch.einsum("bhgqk,bkhd->bqhgd", ds, kf).reshape(q.shape) * softmax_scale
+        grads[0] = _store(grad_q, dq, accumulate, q.dtype)
+    if want_dkv:
+        grads[1] = _store(torch.einsum("bhgqk,bqhgd->bkhd", ds, qg) * softmax_scale, dk, accumulate, k.dtype)
+        grads[2] = _store(torch.einsum("bhgqk,bqhgd->bkhd", p, dog), dv, accumulate, v.dtype)
+    return tuple(grads)

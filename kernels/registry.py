@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference, sdpa
+from . import fa3, reference, sdpa
 
 FwdFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 BwdFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -22,6 +22,13 @@ class Backend:
     A backend whose ``fwd`` also takes ``out=, lse=, accumulate=`` (write into given fp32 buffers,
     or merge into the attention they hold) says so with ``fwd_accumulates``; the ring then merges
     inside the kernel instead of in a separate pass.
+
+    A backend whose ``bwd`` also takes ``dq=, dk=, dv=, accumulate=`` says so with
+    ``bwd_accumulates``. The buffers are float32 (float64 for float64 inputs), shaped like q, k and
+    v (row-slice views allowed). ``bwd`` adds the block's gradients into them (``accumulate=True``)
+    or writes them (False), computes only the gradients whose buffers it is given (dk and dv come
+    together), and returns (dq, dk, dv) with None for a gradient not asked for. The ring asks for
+    dK/dV and for dQ in two calls per step, so that it can send dK/dV on before the dQ work.
     """
 
     name: str
@@ -29,36 +36,57 @@ class Backend:
     bwd: BwdFn
     cuda_only: bool
     fwd_accumulates: bool = False
+    bwd_accumulates: bool = False
 
 
 def _triton() -> Backend:
     from .triton_bwd import flash_bwd
     from .triton_fwd import flash_fwd
 
-    return Backend("triton", flash_fwd, flash_bwd, cuda_only=False, fwd_accumulates=True)
+    return Backend("triton", flash_fwd, flash_bwd, cuda_only=False, fwd_accumulates=True, bwd_accumulates=True)
 
 
 _FACTORIES: dict[str, Callable[[], Backend]] = {
-    "reference": lambda: Backend("reference", reference.reference_fwd, reference.reference_bwd, cuda_only=False),
+    "reference": lambda: Backend("reference", reference.reference_fwd, reference.reference_bwd, cuda_only=False,
+                                 bwd_accumulates=True),
     "cudnn": lambda: Backend("cudnn", sdpa.cudnn_fwd, sdpa.cudnn_bwd, cuda_only=True),
     "flash2": lambda: Backend("flash2", sdpa.flash2_fwd, sdpa.flash2_bwd, cuda_only=True),
     "triton": _triton,
+    "fa3": lambda: Backend("fa3", fa3.fa3_fwd, fa3.fa3_bwd, cuda_only=True),
 }
 BACKEND_NAMES = ("auto", *_FACTORIES)
 
 
-def get_backend(name: str = "auto", device: torch.device | str | None = None) -> Backend:
-    """Return the backend called ``name``.
+def auto_backend_name(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> str:
+    """The backend "auto" stands for: the fastest one verified for ``device`` and ``dtype``.
 
-    "auto" picks "triton" on CUDA and "reference" elsewhere (``device`` decides; None means CUDA
-    when it is available).
+    On the CPU: "reference". On CUDA: "fa3" (FlashAttention's own Hopper kernels, 1.09-1.18x cuDNN
+    on an H200) where it is installed in a tested version, the GPU is sm90 and the dtype is fp16 or
+    bf16; else "triton" (ours; it also takes float32). ``device`` None means CUDA when available.
+    """
+    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if not on_cuda:
+        return "reference"
+    if (dtype is None or dtype in fa3.FA3_DTYPES) and fa3.unavailable_reason(device) is None:
+        return "fa3"
+    return "triton"
+
+
+def get_backend(name: str = "auto", device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None) -> Backend:
+    """Return the backend called ``name``; "auto" resolves through ``auto_backend_name(device, dtype)``.
+
+    A backend that cannot run on ``device`` raises a ValueError that says why.
     """
     if not isinstance(name, str) or name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}; got {name!r}")
     if name == "auto":
-        on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-        name = "triton" if on_cuda else "reference"
+        name = auto_backend_name(device, dtype)
     backend = _FACTORIES[name]()
     if device is not None and backend.cuda_only and torch.device(device).type != "cuda":
         raise ValueError(f"backend {name!r} needs CUDA tensors; got tensors on {device}")
+    if name == "fa3":
+        reason = fa3.unavailable_reason(device)
+        if reason is not None:
+            raise fa3.Fa3Unavailable(reason)
     return backend

@@ -32,17 +32,25 @@ def tma_ready(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def descriptor(t: torch.Tensor, block_rows: int, block_dim: int) -> TensorDescriptor:
-    """A descriptor over the (B, H, S, D) view of a (B, S, H, D) tensor, block [1, 1, rows, D].
+def bhsd_view(t: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
+    """The (B, H, S, D) view of a (B, S, H, D) tensor with its shape and TMA-ready strides.
 
-    With the two unit dims leading, the loaded tile is a plain matrix: Triton keeps Q in shared
-    memory for the tensor-core MMA instead of copying it to registers (as a [1, rows, 1, D] block
-    would). TMA takes the strides in any order. A size-1 dim's stride never addresses memory, so it
-    is replaced by an aligned one whatever torch reports.
+    TMA takes the strides in any order. A size-1 dim's stride never addresses memory, so it is
+    replaced by an aligned one whatever torch reports.
     """
     view = t.transpose(1, 2)
     strides = list(view.stride())
     for dim in range(view.dim() - 2, -1, -1):
         if view.shape[dim] == 1:
             strides[dim] = strides[dim + 1] * view.shape[dim + 1]
-    return TensorDescriptor(view, list(view.shape), strides, [1, 1, block_rows, block_dim])
+    return view, list(view.shape), strides
+
+
+def descriptor(t: torch.Tensor, block_rows: int, block_dim: int) -> TensorDescriptor:
+    """A descriptor over the (B, H, S, D) view of a (B, S, H, D) tensor, block [1, 1, rows, D].
+
+    With the two unit dims leading, the loaded tile is a plain matrix: Triton keeps Q in shared
+    memory for the tensor-core MMA instead of copying it to registers (as a [1, rows, 1, D] block
+    would).
+    """
+    return TensorDescriptor(*bhsd_view(t), [1, 1, block_rows, block_dim])

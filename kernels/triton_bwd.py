@@ -24,6 +24,13 @@ Algorithm (FA2/FA3 backward, key-block-major):
    - ``"separate"``: a query-block-major kernel recomputes P and dS and accumulates dQ in
      registers; no atomics, deterministic, but two more matrix products per tile.
    The fp32 buffer of the first two is scaled and cast to q's dtype at the end.
+4. Gradients into the caller's fp32 buffers (``dq=, dk=, dv=``, row-slice views allowed), with
+   ``accumulate=True`` added to what they hold, inside the kernels: the dK/dV epilogue and the
+   separate dQ kernel's epilogue load the tile, add and store it (each program owns its tile); the
+   atomic dQ modes scale each tile and add it straight into the caller's buffer. This is the
+   ring's backward: every step adds its block's gradients in fp32, never a rounded copy. A call
+   given only ``dq`` runs only the dQ kernel, one given only ``dk`` and ``dv`` only the dK/dV
+   kernel (the ring sends dK/dV on before its dQ work).
 
 Tiles move through 4-D tensor descriptors (TMA on Hopper) over (B, H, S, D) strides of the
 (B, S, H, D) tensors, with the head dim padded to a power of two; out-of-bounds rows and columns
@@ -31,63 +38,53 @@ read as zero and are dropped on store, so only the masks that change results rem
 the last partial key block where a dQ is formed). P and dS are cast to the input dtype before their
 products; accumulators stay fp32. Block sizes and the dQ strategy are tuned per problem class by
 ``pick_config`` over ``BWD_CONFIGS[padded head dim]``, whose first, conservative entry (no atomics)
-every other candidate must agree with.
+every other candidate must agree with; choices are keyed by ``autotune.tuning_key`` and kept on disk.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
 
-from .autotune import Config, pick_config
 from . import tma
+from .autotune import Config, make_config, pick_config, source_hash, tuning_key
 from .checks import check_bwd_inputs, check_qkv, check_scale
+from .common import (INTERPRET, LOG2E, TL_LOG2E, check_device, dot_precision, kernel_path, note_path,
+                     uses_small_config)
 
-log = logging.getLogger("fa3dist.kernels")
-
-LOG2E = math.log2(math.e)
 DQ_MODES = ("tma_reduce", "atomic", "separate")
 BWD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ROW_PAD = 128  # lse2/delta rows are padded to this; no config block may exceed it
 _PRE_BLOCK = 32  # rows per preprocess program
-_INTERPRETED = knobs.runtime.interpret  # decided when the kernels below are decorated
-
-
-def _config(block_n: int, block_m: int, num_warps: int, num_stages: int, dq: str) -> Config:
-    return {"BLOCK_N": block_n, "BLOCK_M": block_m, "num_warps": num_warps, "num_stages": num_stages, "dq": dq}
-
 
 # BLOCK_N: rows a program owns (keys in the dK/dV kernel, queries in the separate dQ kernel);
 # BLOCK_M: rows per inner step (queries, resp. keys). BLOCK_N must be a multiple of BLOCK_M.
-# Tiles (BLOCK_N, BLOCK_M, num_warps, num_stages) per padded head dim and dQ mode, picked by
+# Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim and dQ mode, picked by
 # cross-compiling for sm_90a (triton 3.6, ptxas -v, bf16, causal or not): all fit in shared memory
 # (<= 198 KB); most do not spill, none spills more than 124 bytes. num_stages=1 is left out: its TMA
 # loads go through registers (+50-85 registers a thread).
-_SAFE_TILE = (64, 32, 8, 2)  # no spills for any head dim, causal or not
+_SAFE_TILE = (32, 64, 8, 2)  # no spills for any head dim, causal or not
 # Pruned by timing every earlier candidate on an H100 at S = 16K, bf16 (tools/sweep_configs.py,
 # 2026-11-27): "separate" won at every head dim (0.61-0.84 of cuDNN), tma_reduce came within
 # 5-15% with the same tiles, atomic never won.
 _TILES: dict[int, dict[str, tuple[tuple[int, int, int, int], ...]]] = {
-    64: {"separate": ((64, 64, 4, 2), (128, 64, 8, 3)), "tma_reduce": ((64, 64, 4, 2),)},
-    128: {"separate": ((128, 64, 8, 2), (128, 32, 8, 2)), "tma_reduce": ((128, 32, 8, 2),),
+    64: {"separate": ((64, 64, 4, 2), (64, 128, 8, 3)), "tma_reduce": ((64, 64, 4, 2),)},
+    128: {"separate": ((64, 128, 8, 2), (32, 128, 8, 2)), "tma_reduce": ((32, 128, 8, 2),),
           "atomic": ((64, 64, 8, 2),)},
-    256: {"separate": ((64, 64, 8, 2), (64, 32, 8, 3)), "tma_reduce": ((64, 32, 8, 2),)},
+    256: {"separate": ((64, 64, 8, 2), (32, 64, 8, 3)), "tma_reduce": ((32, 64, 8, 2),)},
 }
 # Tuning candidates per padded head dim (64 covers 8..64); the first, without atomics, is the
 # reference every other candidate must agree with.
 BWD_CONFIGS: dict[int, list[Config]] = {
-    block_d: [_config(*_SAFE_TILE, "separate"),
-              *(_config(*tile, dq) for dq, tiles in by_mode.items() for tile in tiles)]
+    block_d: [make_config(*_SAFE_TILE, dq="separate"),
+              *(make_config(*tile, dq=dq) for dq, tiles in by_mode.items() for tile in tiles)]
     for block_d, by_mode in _TILES.items()
 }
 # Fixed config for the interpreter, CPU tensors and float32 (not tuned).
-SMALL_CONFIG: Config = _config(32, 16, 4, 1, "atomic")
+SMALL_CONFIG: Config = make_config(16, 32, 4, 1, dq="atomic")
 
 
 @triton.jit
@@ -108,7 +105,7 @@ def _bwd_preprocess(out_ptr, do_ptr, lse_ptr, delta_ptr, lse2_ptr,
     do = tl.load(do_ptr + b * stride_db + h * stride_dh + rows64 * stride_ds + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_m, mask=rows, other=float("-inf")).to(tl.float32)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # log2(e)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * TL_LOG2E)
     row = bh.to(tl.int64) * seq_pad + offs_m
     tl.store(delta_ptr + row, delta)
     tl.store(lse2_ptr + row, lse2)
@@ -126,11 +123,13 @@ def _recompute_p(s, lse2, q_idx, k_idx, seq_k, qk_scale2, CAUSAL_MASK: tl.conste
 
 
 @triton.jit
-def _dkdv_loop(dk, dv, k, v, offs_n, q_desc, do_desc, dq_desc, dq_ptr, lse2_ptr, delta_ptr,
-               b, h, m_lo, m_hi, seq_q, seq_k, qk_scale2,
+def _dkdv_loop(dk, dv, k, v, offs_n, q_desc, do_desc, dq_desc, dq_ptr, stride_dqs, lse2_ptr, delta_ptr,
+               b, h, m_lo, m_hi, seq_q, seq_k, qk_scale2, dq_scale,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-               CAUSAL_MASK: tl.constexpr, KEY_MASK: tl.constexpr, DQ: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dK, dV of one key block over query blocks [m_lo, m_hi) of head h (and add dQ)."""
+               CAUSAL_MASK: tl.constexpr, KEY_MASK: tl.constexpr, DQ: tl.constexpr, DQ_DIRECT: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [m_lo, m_hi) of head h, and add dQ
+    (times ``dq_scale`` when DQ_DIRECT: straight into the caller's buffer)."""
     offs_d = tl.arange(0, BLOCK_D)
     for start_m in range(m_lo, m_hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -147,10 +146,16 @@ def _dkdv_loop(dk, dv, k, v, offs_n, q_desc, do_desc, dq_desc, dq_ptr, lse2_ptr,
         dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
         if DQ != "separate":  # add this tile's dS K to the fp32 dQ buffer
             dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)
+            if DQ_DIRECT:
+                dq = dq * dq_scale
             if DQ == "tma_reduce":
                 dq_desc.atomic_add([b, h, start_m, 0], dq.reshape(1, 1, BLOCK_M, BLOCK_D))
             else:
-                ptrs = dq_ptr + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+                if DQ_DIRECT:  # the caller's buffer: int64 tile base, int32 offsets inside the tile
+                    tile = tl.arange(0, BLOCK_M)[:, None] * stride_dqs + offs_d[None, :]
+                    ptrs = dq_ptr + tl.cast(start_m, tl.int64) * stride_dqs + tile
+                else:  # the (B, H, Sq, D) scratch: a runtime stride here costs spills on sm_90
+                    ptrs = dq_ptr + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
                 mask = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
                 tl.atomic_add(ptrs, dq, mask=mask, sem="relaxed")
     return dk, dv
@@ -159,9 +164,12 @@ def _dkdv_loop(dk, dv, k, v, offs_n, q_desc, do_desc, dq_desc, dq_ptr, lse2_ptr,
 @triton.jit
 def _bwd_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, dq_ptr, lse2_ptr, delta_ptr,
                      seq_q, seq_k, seq_pad, heads, kv_heads, group, softmax_scale, qk_scale2,
+                     stride_dqb, stride_dqs, stride_dqh,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     CAUSAL: tl.constexpr, KEY_MASK: tl.constexpr, DQ: tl.constexpr, PRECISION: tl.constexpr):
-    """dK, dV of one (batch, kv head, key block), summed over the group's query heads."""
+                     CAUSAL: tl.constexpr, KEY_MASK: tl.constexpr, DQ: tl.constexpr, PRECISION: tl.constexpr,
+                     ACCUMULATE: tl.constexpr, DQ_DIRECT: tl.constexpr):
+    """dK, dV of one (batch, kv head, key block), summed over the group's query heads; with
+    ACCUMULATE added to the tiles dk_desc/dv_desc hold."""
     start_n = tl.program_id(0) * BLOCK_N
     b = tl.program_id(1) // kv_heads
     hk = tl.program_id(1) % kv_heads
@@ -180,23 +188,32 @@ def _bwd_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc,
         bh = (b * heads + h).to(tl.int64)
         lse2_row = lse2_ptr + bh * seq_pad
         delta_row = delta_ptr + bh * seq_pad
-        dq_row = dq_ptr + bh * seq_q * HEAD_DIM if DQ == "atomic" else dq_ptr
+        dq_row = dq_ptr  # the atomic mode's (batch, head) row
+        if DQ == "atomic":
+            if DQ_DIRECT:
+                dq_row = dq_ptr + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+            else:
+                dq_row = dq_ptr + bh * seq_q * HEAD_DIM
         if CAUSAL:  # diagonal band with the mask, then every later query block without it
             band_hi = tl.minimum(start_n + BLOCK_N, seq_q)
-            dk, dv = _dkdv_loop(dk, dv, k, v, offs_n, q_desc, do_desc, dq_desc, dq_row, lse2_row, delta_row,
-                                b, h, start_n, band_hi, seq_q, seq_k, qk_scale2,
-                                HEAD_DIM, BLOCK_M, BLOCK_D, True, False, DQ, PRECISION)
-            dk, dv = _dkdv_loop(dk, dv, k, v, offs_n, q_desc, do_desc, dq_desc, dq_row, lse2_row, delta_row,
-                                b, h, start_n + BLOCK_N, seq_q, seq_q, seq_k, qk_scale2,
-                                HEAD_DIM, BLOCK_M, BLOCK_D, False, False, DQ, PRECISION)
+            dk, dv = _dkdv_loop(dk, dv, k, v, offs_n, q_desc, do_desc, dq_desc, dq_row, stride_dqs, lse2_row,
+                                delta_row, b, h, start_n, band_hi, seq_q, seq_k, qk_scale2, softmax_scale,
+                                HEAD_DIM, BLOCK_M, BLOCK_D, True, False, DQ, DQ_DIRECT, PRECISION)
+            dk, dv = _dkdv_loop(dk, dv, k, v, offs_n, q_desc, do_desc, dq_desc, dq_row, stride_dqs, lse2_row,
+                                delta_row, b, h, start_n + BLOCK_N, seq_q, seq_q, seq_k, qk_scale2, softmax_scale,
+                                HEAD_DIM, BLOCK_M, BLOCK_D, False, False, DQ, DQ_DIRECT, PRECISION)
         else:  # all query blocks, starting at this key block's own position and wrapping around
-            dk, dv = _dkdv_loop(dk, dv, k, v, offs_n, q_desc, do_desc, dq_desc, dq_row, lse2_row, delta_row,
-                                b, h, m_start, seq_q, seq_q, seq_k, qk_scale2,
-                                HEAD_DIM, BLOCK_M, BLOCK_D, False, KEY_MASK, DQ, PRECISION)
-            dk, dv = _dkdv_loop(dk, dv, k, v, offs_n, q_desc, do_desc, dq_desc, dq_row, lse2_row, delta_row,
-                                b, h, 0, m_start, seq_q, seq_k, qk_scale2,
-                                HEAD_DIM, BLOCK_M, BLOCK_D, False, KEY_MASK, DQ, PRECISION)
-    dk_desc.store([b, hk, start_n, 0], (dk * softmax_scale).to(dk_desc.dtype).reshape(1, 1, BLOCK_N, BLOCK_D))
+            dk, dv = _dkdv_loop(dk, dv, k, v, offs_n, q_desc, do_desc, dq_desc, dq_row, stride_dqs, lse2_row,
+                                delta_row, b, h, m_start, seq_q, seq_q, seq_k, qk_scale2, softmax_scale,
+                                HEAD_DIM, BLOCK_M, BLOCK_D, False, KEY_MASK, DQ, DQ_DIRECT, PRECISION)
+            dk, dv = _dkdv_loop(dk, dv, k, v, offs_n, q_desc, do_desc, dq_desc, dq_row, stride_dqs, lse2_row,
+                                delta_row, b, h, 0, m_start, seq_q, seq_k, qk_scale2, softmax_scale,
+                                HEAD_DIM, BLOCK_M, BLOCK_D, False, KEY_MASK, DQ, DQ_DIRECT, PRECISION)
+    dk = dk * softmax_scale
+    if ACCUMULATE:  # this program owns the tile: load, add, store
+        dk += dk_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        dv += dv_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    dk_desc.store([b, hk, start_n, 0], dk.to(dk_desc.dtype).reshape(1, 1, BLOCK_N, BLOCK_D))
     dv_desc.store([b, hk, start_n, 0], dv.to(dv_desc.dtype).reshape(1, 1, BLOCK_N, BLOCK_D))
 
 
@@ -222,8 +239,9 @@ def _dq_loop(dq, q, do, lse2, delta, offs_m, k_desc, v_desc, b, hk, n_lo, n_hi, 
 def _bwd_dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr,
                    seq_q, seq_k, seq_pad, heads, group, softmax_scale, qk_scale2,
                    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                   CAUSAL: tl.constexpr, KEY_MASK: tl.constexpr, PRECISION: tl.constexpr):
-    """dQ of one (batch, head, query block), recomputing P and dS over its keys."""
+                   CAUSAL: tl.constexpr, KEY_MASK: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """dQ of one (batch, head, query block), recomputing P and dS over its keys; with ACCUMULATE
+    added to the tile dq_desc holds."""
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks do the most work: start them first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -254,7 +272,10 @@ def _bwd_dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr
         if KEY_MASK:
             dq = _dq_loop(dq, q, do, lse2, delta, offs_m, k_desc, v_desc, b, hk, n_full, seq_k, seq_k, qk_scale2,
                           BLOCK_K, BLOCK_D, False, True, PRECISION)
-    dq_desc.store([b, h, start_m, 0], (dq * softmax_scale).to(dq_desc.dtype).reshape(1, 1, BLOCK_Q, BLOCK_D))
+    dq = dq * softmax_scale
+    if ACCUMULATE:  # this program owns the tile: load, add, store
+        dq += dq_desc.load([b, h, start_m, 0]).reshape(BLOCK_Q, BLOCK_D)
+    dq_desc.store([b, h, start_m, 0], dq.to(dq_desc.dtype).reshape(1, 1, BLOCK_Q, BLOCK_D))
 
 
 @dataclass(frozen=True)
@@ -275,9 +296,12 @@ class _Problem:
         return tma.block_d(self.q.shape[3])
 
 
-def _prepare(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-             lse: torch.Tensor, softmax_scale: float, causal: bool) -> _Problem:
-    """Check the inputs and run the preprocess kernel (delta, lse2)."""
+Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]  # (dq, dk, dv)
+
+
+def _check_inputs(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, softmax_scale: float, causal: bool) -> float:
+    """Check the backward's inputs; return the softmax scale."""
     check_qkv(q, k, v, causal=causal, dtypes=BWD_DTYPES, max_head_dim=256, head_dim_multiple=8)
     check_bwd_inputs(do, q, out, lse)
     scale = check_scale(softmax_scale)
@@ -285,8 +309,42 @@ def _prepare(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         raise TypeError(f"do must have q's dtype {q.dtype}, got {do.dtype}")
     if lse.device != q.device:
         raise ValueError(f"lse is on {lse.device}; expected q's device {q.device}")
-    if q.device.type != "cuda" and not _INTERPRETED:
-        raise ValueError(f"the Triton backward needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
+    check_device(q, "flash_bwd")
+    return scale
+
+
+def _check_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grads: Grads, accumulate: bool) -> Grads | None:
+    """Check caller-given gradient buffers (dq, dk, dv): dq, dk with dv, or all three; float32,
+    shaped like q, k, v on their device, TMA-addressable (views allowed). Returns them, or None
+    when none is given."""
+    if not isinstance(accumulate, bool):
+        raise TypeError(f"accumulate must be a bool, got {type(accumulate).__name__}")
+    dq, dk, dv = grads
+    if dq is None and dk is None and dv is None:
+        if accumulate:
+            raise ValueError("accumulate=True needs gradient buffers to add into (dq, and/or dk with dv)")
+        return None
+    if (dk is None) != (dv is None):
+        raise ValueError("dk and dv must be given together")
+    for name, buf, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+        if buf is None:
+            continue
+        if not isinstance(buf, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(buf).__name__}")
+        if buf.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {buf.dtype}")
+        if buf.shape != like.shape or buf.device != like.device:
+            raise ValueError(f"{name} must have shape {tuple(like.shape)} on {like.device}; "
+                             f"got {tuple(buf.shape)} on {buf.device}")
+        if not tma.tma_addressable(buf):
+            raise ValueError(f"{name} must be addressable by TMA (unit last stride, 16-byte aligned base and "
+                             f"strides), got strides {buf.stride()}")
+    return grads
+
+
+def _preprocess(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                lse: torch.Tensor, softmax_scale: float, causal: bool) -> _Problem:
+    """Make the inputs TMA-ready and run the preprocess kernel (delta, lse2)."""
     q, k, v, do = (tma.tma_ready(t) for t in (q, k, v, do))
     if out.stride(3) != 1:
         out = out.contiguous()
@@ -298,12 +356,12 @@ def _prepare(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     lse2 = torch.empty_like(delta)
     block_d = tma.block_d(head_dim)
     if delta.numel() == 0:
-        return _Problem(do, q, k, v, lse2, delta, scale, causal)
+        return _Problem(do, q, k, v, lse2, delta, softmax_scale, causal)
     _bwd_preprocess[(seq_pad // _PRE_BLOCK, batch * heads)](
         out, do, lse, delta, lse2, out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1), seq_q, seq_pad, heads,
         HEAD_DIM=head_dim, BLOCK=_PRE_BLOCK, BLOCK_D=block_d, num_warps=4)
-    return _Problem(do, q, k, v, lse2, delta, scale, causal)
+    return _Problem(do, q, k, v, lse2, delta, softmax_scale, causal)
 
 
 def _check_config(cfg: Config) -> None:
@@ -315,85 +373,137 @@ def _check_config(cfg: Config) -> None:
         raise ValueError(f"BLOCK_N ({block_n}) must be a multiple of BLOCK_M ({block_m})")
     if cfg["dq"] not in DQ_MODES:
         raise ValueError(f"dq must be one of {DQ_MODES}, got {cfg['dq']!r}")
-    if cfg["dq"] == "tma_reduce" and _INTERPRETED:
+    if cfg["dq"] == "tma_reduce" and INTERPRET:
         raise ValueError("dq='tma_reduce' needs a GPU: the Triton interpreter has no descriptor reductions")
 
 
-def _launch(p: _Problem, cfg: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the dK/dV kernel (and the dQ kernel or the dQ conversion) with one config."""
+def _launch(p: _Problem, cfg: Config, grads: Grads | None = None, accumulate: bool = False) -> Grads:
+    """Run the dK/dV kernel (and the dQ kernel or the dQ conversion) with one config.
+
+    Without ``grads`` all three gradients are new tensors in the inputs' dtype. With them (float32
+    buffers; None for a gradient not wanted), the kernels compute only the gradients given and
+    write them into the buffers, or with ``accumulate`` add them to what the buffers hold. A call
+    for dQ alone or dK/dV alone runs the separate kernels' way whatever ``cfg["dq"]`` says.
+    """
     _check_config(cfg)
     q, k, v, do = p.q, p.k, p.v, p.do
     batch, seq_q, heads, head_dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
-    block_n, block_m, block_d, mode = cfg["BLOCK_N"], cfg["BLOCK_M"], p.block_d, cfg["dq"]
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    block_n, block_m, block_d = cfg["BLOCK_N"], cfg["BLOCK_M"], p.block_d
+    precision = dot_precision(q.dtype)
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     scales = (p.softmax_scale, p.softmax_scale * LOG2E)
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    if grads is None:
+        dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
+    else:
+        dq, dk, dv = grads
+    want_dq, want_dkv = dq is not None, dk is not None
+    mode = cfg["dq"] if want_dq and want_dkv else "separate"
     if q.numel() == 0 or k.numel() == 0:  # no query or no key: every gradient is zero
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    # dQ accumulator for the atomic modes: (B, H, Sq, D) fp32 memory seen as (B, Sq, H, D); zeroed per launch.
+        if not accumulate:
+            for t in (dq, dk, dv):
+                if t is not None:
+                    t.zero_()
+        return dq, dk, dv
+    # fp32 target of the atomic dQ modes: the caller's buffer (each tile scaled before it is added),
+    # else (B, H, Sq, D) scratch seen as (B, Sq, H, D), zeroed per launch, scaled and cast at the end.
     dq_acc = None
     if mode != "separate":
-        dq_acc = torch.zeros(batch, heads, seq_q, head_dim, device=q.device, dtype=torch.float32).transpose(1, 2)
-    key_mask = not p.causal and seq_k % block_n != 0 and mode != "separate"
-    _bwd_dkdv_kernel[(triton.cdiv(seq_k, block_n), batch * kv_heads)](
-        tma.descriptor(q, block_m, block_d), tma.descriptor(k, block_n, block_d), tma.descriptor(v, block_n, block_d),
-        tma.descriptor(do, block_m, block_d), tma.descriptor(dk, block_n, block_d), tma.descriptor(dv, block_n, block_d),
-        tma.descriptor(dq_acc, block_m, block_d) if mode == "tma_reduce" else None,
-        dq_acc if mode == "atomic" else None, p.lse2, p.delta,
-        seq_q, seq_k, p.lse2.shape[2], heads, kv_heads, heads // kv_heads, *scales,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        CAUSAL=p.causal, KEY_MASK=key_mask, DQ=mode, PRECISION=precision, **launch)
-    if mode == "separate":
+        if grads is None:
+            dq_acc = torch.zeros(batch, heads, seq_q, head_dim, device=q.device, dtype=torch.float32).transpose(1, 2)
+        else:
+            dq_acc = dq if accumulate else dq.zero_()
+    if want_dkv:
+        dq_strides = (dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2)) if mode == "atomic" else (0, 0, 0)
+        _bwd_dkdv_kernel[(triton.cdiv(seq_k, block_n), batch * kv_heads)](
+            tma.descriptor(q, block_m, block_d), tma.descriptor(k, block_n, block_d),
+            tma.descriptor(v, block_n, block_d), tma.descriptor(do, block_m, block_d),
+            tma.descriptor(dk, block_n, block_d), tma.descriptor(dv, block_n, block_d),
+            tma.descriptor(dq_acc, block_m, block_d) if mode == "tma_reduce" else None,
+            dq_acc if mode == "atomic" else None, p.lse2, p.delta,
+            seq_q, seq_k, p.lse2.shape[2], heads, kv_heads, heads // kv_heads, *scales, *dq_strides,
+            HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            CAUSAL=p.causal, KEY_MASK=not p.causal and seq_k % block_n != 0 and mode != "separate", DQ=mode,
+            PRECISION=precision, ACCUMULATE=accumulate, DQ_DIRECT=grads is not None, **launch)
+    if want_dq and mode == "separate":
         _bwd_dq_kernel[(triton.cdiv(seq_q, block_n), batch * heads)](
-            tma.descriptor(q, block_n, block_d), tma.descriptor(k, block_m, block_d), tma.descriptor(v, block_m, block_d),
-            tma.descriptor(do, block_n, block_d), tma.descriptor(dq, block_n, block_d), p.lse2, p.delta,
+            tma.descriptor(q, block_n, block_d), tma.descriptor(k, block_m, block_d),
+            tma.descriptor(v, block_m, block_d), tma.descriptor(do, block_n, block_d),
+            tma.descriptor(dq, block_n, block_d), p.lse2, p.delta,
             seq_q, seq_k, p.lse2.shape[2], heads, heads // kv_heads, *scales,
             BLOCK_Q=block_n, BLOCK_K=block_m, BLOCK_D=block_d,
-            CAUSAL=p.causal, KEY_MASK=seq_k % block_m != 0, PRECISION=precision, **launch)
-    else:
+            CAUSAL=p.causal, KEY_MASK=seq_k % block_m != 0, PRECISION=precision, ACCUMULATE=accumulate, **launch)
+    elif want_dq and grads is None:
         dq.copy_(dq_acc.mul_(p.softmax_scale))
     return dq, dk, dv
 
 
-def candidate_configs(head_dim: int) -> list[Config]:
-    """The tuning candidates for ``head_dim``; the first is the conservative reference."""
+def candidate_configs(head_dim: int, dtype: torch.dtype) -> list[Config]:
+    """The tuning candidates for ``head_dim`` (every 16-bit ``dtype`` alike); the first is the
+    conservative reference. (Every kernel module has a ``candidate_configs(head_dim, dtype)``.)"""
     return BWD_CONFIGS[max(64, tma.block_d(head_dim))]
 
 
 def _run(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-         lse: torch.Tensor, softmax_scale: float, causal: bool,
-         config: Config | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         lse: torch.Tensor, softmax_scale: float, causal: bool, config: Config | None, grads: Grads,
+         accumulate: bool) -> Grads:
     """Check, preprocess, pick a config (tune when ``config`` is None on CUDA) and launch."""
-    p = _prepare(do, q, k, v, out, lse, softmax_scale, causal)
+    scale = _check_inputs(do, q, k, v, out, lse, softmax_scale, causal)
+    buffers = _check_grads(q, k, v, grads, accumulate)
+    requested = kernel_path()  # the Gluon path is not wired yet: every request runs the tl kernel
+    p = _preprocess(do, q, k, v, out, lse, scale, causal)
     if config is None:
-        if _INTERPRETED or p.q.device.type != "cuda" or p.q.dtype == torch.float32:
-            config = SMALL_CONFIG
-        else:
-            seq = max(p.q.shape[1], p.k.shape[1])
-            key = ("flash_bwd", p.block_d, p.causal, p.q.dtype, p.q.shape[2] // p.k.shape[2],
-                   min(triton.next_power_of_2(seq), 16384))
-            config = pick_config(key, candidate_configs(p.q.shape[3]), lambda c: _launch(p, c))
-    return _launch(p, config)
+        config = _choose_config(p, buffers, accumulate)
+    note_path("flash_bwd", "tl", "(FA3DIST_KERNEL=%s) q=%s k=%s %s causal=%s grads=%s accumulate=%s config=%s",
+              requested, tuple(p.q.shape), tuple(p.k.shape), p.q.dtype, causal, _wanted(buffers), accumulate, config)
+    return _launch(p, config, buffers, accumulate)
+
+
+def _wanted(buffers: Grads | None) -> str:
+    """Which gradients a call computes: "all" (new tensors or three buffers), "dq" or "dkdv"."""
+    if buffers is None or all(b is not None for b in buffers):
+        return "all"
+    return "dq" if buffers[0] is not None else "dkdv"
+
+
+def _choose_config(p: _Problem, buffers: Grads | None, accumulate: bool) -> Config:
+    if uses_small_config(p.q):
+        return SMALL_CONFIG
+    wanted = _wanted(buffers)
+    key = tuning_key("tl_bwd", source_hash(__file__), p.q, p.k, causal=p.causal,
+                     grad_dtype=None if buffers is None else "float32", grads=wanted, accumulate=accumulate)
+    candidates = candidate_configs(p.q.shape[3], p.q.dtype)
+    if wanted != "all":  # one gradient alone runs the separate kernels' way: the dQ mode does not matter
+        candidates = [cfg for cfg in candidates if cfg["dq"] == "separate"]
+
+    def trial(cfg: Config) -> list[torch.Tensor]:  # on copies: tuning must not add to the caller's buffers
+        copies = None if buffers is None else tuple(None if b is None else b.clone() for b in buffers)
+        return [g for g in _launch(p, cfg, copies, accumulate) if g is not None]
+
+    return pick_config(key, candidates, trial)
 
 
 def flash_bwd_config(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                     lse: torch.Tensor, *, softmax_scale: float, causal: bool,
-                     config: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     lse: torch.Tensor, *, softmax_scale: float, causal: bool, config: Config,
+                     dq: torch.Tensor | None = None, dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
+                     accumulate: bool = False) -> Grads:
     """``flash_bwd`` with an explicit config (no tuning), for tests and config sweeps."""
-    return _run(do, q, k, v, out, lse, softmax_scale, causal, config)
+    return _run(do, q, k, v, out, lse, softmax_scale, causal, config, (dq, dk, dv), accumulate)
 
 
 def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-              lse: torch.Tensor, *, softmax_scale: float,
-              causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention backward for a given out/lse: dq (like q), dk, dv (like k, v), all contiguous.
+              lse: torch.Tensor, *, softmax_scale: float, causal: bool, dq: torch.Tensor | None = None,
+              dk: torch.Tensor | None = None, dv: torch.Tensor | None = None, accumulate: bool = False) -> Grads:
+    """Attention backward for a given out/lse: dq (like q), dk, dv (like k, v).
 
     q, do, out: (B, Sq, H, D); k, v: (B, Sk, H_kv, D); lse: fp32 (B, H, Sq), natural log. ``out``
     and ``lse`` may come from a larger attention (the ring's merged result): P and delta use them
     as given. On CUDA (fp16/bf16) the config is tuned and verified once per problem class.
+
+    Without buffers all three gradients are new contiguous tensors in q's dtype. With buffers
+    (float32, shaped like q, k, v; row-slice views of larger buffers allowed) only the gradients
+    given are computed: ``dq``, or ``dk`` with ``dv``, or all three. The kernels write them into the
+    buffers, or with ``accumulate=True`` add them to what the buffers hold, in fp32 inside the
+    kernels. Returns (dq, dk, dv): the buffers, with None for a gradient not asked for.
     """
-    return _run(do, q, k, v, out, lse, softmax_scale, causal, None)
+    return _run(do, q, k, v, out, lse, softmax_scale, causal, None, (dq, dk, dv), accumulate)

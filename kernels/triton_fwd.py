@@ -20,8 +20,9 @@ Where each technique lives:
 - Tile order for L2 reuse: tiles are numbered (batch, head)-major, so the q-blocks that read the same
   K/V run together, as do the heads of one GQA group. Causal tiles run the heavy (late) q-blocks of
   each head first. ``PERSISTENT`` configs launch one program per SM that strides over the tiles.
-- Autotuning: ``flash_fwd`` picks a config per (dtype, D, causal, bucketed shape) with the verified
-  tuner of ``autotune.py`` among ``FWD_CONFIGS`` (``candidate_configs``). There is no
+- Autotuning: ``flash_fwd`` picks a config per ``autotune.tuning_key`` (GPU, dtype, D, causal,
+  bucketed shape, GQA group, output dtype, accumulate) with the verified, disk-cached tuner of
+  ``autotune.py`` among ``FWD_CONFIGS`` (``candidate_configs``). There is no
   ``warp_specialize`` candidate: compiled for sm_90 with triton 3.6, it left this kernel unchanged with
   8 warps and failed to compile with 4.
 - Ring merge in the epilogue: with ``accumulate=True`` the kernel folds its block into a running
@@ -37,47 +38,34 @@ float32 dots use ``input_precision="ieee"``.
 
 from __future__ import annotations
 
-import functools
-import logging
-from typing import Any
-
 import torch
 import triton
 import triton.language as tl
 
-from .autotune import Config, pick_config
+from . import gluon_fwd
+from .autotune import Config, make_config, pick_config, source_hash, tuning_key
 from .checks import check_qkv, resolve_scale
+from .common import (LOG2E, SMEM_BYTES, TL_LN2, TL_LOG2E, check_device, dot_precision, kernel_path, note_path,
+                     num_sms, uses_small_config, warn_once)
 from .tma import block_d, descriptor, tma_addressable, tma_ready
 
-log = logging.getLogger("fa3dist.kernels")
-
-LOG2E = 1.4426950408889634
-_LOG2E: tl.constexpr = tl.constexpr(LOG2E)
-_LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
-_INTERPRET = bool(triton.knobs.runtime.interpret)  # fixed when the kernel below is decorated
-_SMEM_BYTES = 227 * 1024  # shared memory per block on H100/H200
 _INTERPRETER_PROGRAMS = 3  # "SMs" for persistent configs without a GPU: exercises the tile loop
-
-
-def _config(block_m: int, block_n: int, num_warps: int, num_stages: int, persistent: bool = False) -> Config:
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages,
-            "PERSISTENT": persistent}
 
 
 # Pruned by timing every earlier candidate on an H100 at S = 16K, bf16 (tools/sweep_configs.py,
 # 2026-11-27): the best were 128x128/8 warps/3 stages at D = 128 (0.87-0.92 of cuDNN), 64x128/4/2
 # at D = 64 (0.98-1.00) and 64x64/4/3 at D = 256 (0.86-0.90); 2-stage and 32-wide tiles lost
 # everywhere, the persistent grid by 5-30% (one candidate stays so the tuner keeps measuring it).
-FWD_CONFIGS: list[Config] = [
-    _config(64, 32, 4, 2),  # conservative reference candidate: fits every D
-    _config(64, 64, 4, 3),
-    _config(64, 128, 4, 2),
-    _config(128, 64, 8, 3),
-    _config(128, 64, 8, 4),
-    _config(128, 128, 8, 3),
-    _config(128, 64, 8, 3, persistent=True),
+FWD_CONFIGS: list[Config] = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    make_config(64, 32, 4, 2, PERSISTENT=False),  # conservative reference candidate: fits every D
+    make_config(64, 64, 4, 3, PERSISTENT=False),
+    make_config(64, 128, 4, 2, PERSISTENT=False),
+    make_config(128, 64, 8, 3, PERSISTENT=False),
+    make_config(128, 64, 8, 4, PERSISTENT=False),
+    make_config(128, 128, 8, 3, PERSISTENT=False),
+    make_config(128, 64, 8, 3, PERSISTENT=True),
 ]
-SMALL_CONFIG: Config = _config(32, 16, 4, 2)  # interpreter and float32
+SMALL_CONFIG: Config = make_config(32, 16, 4, 2, PERSISTENT=False)  # interpreter and float32
 
 
 @triton.jit
@@ -145,7 +133,7 @@ def _attend_tile(tile, q_desc, k_desc, v_desc, o_desc, lse_ptr, stride_lb, strid
     lse2 = tl.where(has_keys, m_i + tl.math.log2(l_i), float("-inf"))  # base 2
     lse_ptrs = lse_ptr + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + rows
     if ACCUMULATE:  # merge with the running (out, lse): weights exp(lse_x - lse_merged)
-        prev2 = tl.load(lse_ptrs, mask=rows < seq_q, other=float("-inf")) * _LOG2E
+        prev2 = tl.load(lse_ptrs, mask=rows < seq_q, other=float("-inf")) * TL_LOG2E
         out_prev = o_desc.load([batch, head, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
         top = tl.maximum(prev2, lse2)
         top = tl.where(top == float("-inf"), 0.0, top)  # both empty: weights 0, no NaN
@@ -156,7 +144,7 @@ def _attend_tile(tile, q_desc, k_desc, v_desc, o_desc, lse_ptr, stride_lb, strid
         out = out_prev * (w_prev * inv)[:, None] + out * (w_blk * inv)[:, None]
         lse2 = tl.where(total > 0.0, top + tl.math.log2(total), float("-inf"))
     o_desc.store([batch, head, start_m, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
-    tl.store(lse_ptrs, lse2 * _LN2, mask=rows < seq_q)
+    tl.store(lse_ptrs, lse2 * TL_LN2, mask=rows < seq_q)
 
 
 @triton.jit
@@ -175,44 +163,43 @@ def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, stride_lb, stride_lh, q
                      ACCUMULATE, PRECISION)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
             cfg: Config, out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
             accumulate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the kernel with an explicit config on checked, TMA-ready inputs; returns (out, lse).
 
     Without ``out``/``lse`` they are allocated (out like q). With them, the kernel writes into them,
-    or with ``accumulate`` merges its block into what they hold.
+    or with ``accumulate`` merges its block into what they hold. A config with ``path: "gluon"``
+    runs the Gluon kernel (gluon_fwd.py), any other the ``tl`` kernel below.
     """
     batch, seq_q, heads, head_dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
-    block_m, block_n, width = cfg["BLOCK_M"], cfg["BLOCK_N"], block_d(head_dim)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(batch, heads, seq_q, device=q.device, dtype=torch.float32)
-    num_m_blocks = triton.cdiv(seq_q, block_m)
-    num_tiles = batch * heads * num_m_blocks
-    if num_tiles == 0:
+    if q.numel() == 0:
         return out, lse
     if seq_k == 0:  # no key: every row is empty (TMA cannot describe an empty tensor)
         if not accumulate:
             out.zero_()
             lse.fill_(float("-inf"))
         return out, lse
+    if cfg.get("path") == "gluon":
+        return gluon_fwd.gluon_launch(q, k, v, softmax_scale, causal, gluon_fwd.GluonConfig(
+            cfg["BLOCK_N"], cfg["STAGES"], cfg["PINGPONG"], cfg["P_SMEM"]), out, lse, accumulate)
+    block_m, block_n, width = cfg["BLOCK_M"], cfg["BLOCK_N"], block_d(head_dim)
+    num_m_blocks = triton.cdiv(seq_q, block_m)
+    num_tiles = batch * heads * num_m_blocks
     programs = num_tiles
     if cfg["PERSISTENT"]:
-        sms = _num_sms(q.device) if q.is_cuda else _INTERPRETER_PROGRAMS
+        sms = num_sms(q.device) if q.is_cuda else _INTERPRETER_PROGRAMS
         programs = min(num_tiles, sms)
     _fwd_kernel[(programs,)](
         descriptor(q, block_m, width), descriptor(k, block_n, width), descriptor(v, block_n, width),
         descriptor(out, block_m, width), lse, lse.stride(0), lse.stride(1), softmax_scale * LOG2E, seq_q,
         seq_k, heads, heads // kv_heads, num_m_blocks, num_tiles,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=width, CAUSAL=causal, ACCUMULATE=accumulate,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION=dot_precision(q.dtype),
         PERSISTENT=cfg["PERSISTENT"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
 
@@ -220,37 +207,46 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
 def candidate_configs(head_dim: int, dtype: torch.dtype) -> list[Config]:
     """The tuning candidates for one case: FWD_CONFIGS whose Q tile and K/V pipeline fit in shared memory.
 
-    The first entry is always FWD_CONFIGS[0], the tuner's reference.
+    The first entry is always FWD_CONFIGS[0], the tuner's reference. (Every kernel module has a
+    ``candidate_configs(head_dim, dtype)``.)
     """
     tile_row_bytes = block_d(head_dim) * torch.empty((), dtype=dtype).element_size()
 
     def fits(cfg: Config) -> bool:
         rows = cfg["BLOCK_M"] + 2 * cfg["num_stages"] * cfg["BLOCK_N"]
-        return rows * tile_row_bytes <= _SMEM_BYTES
+        return rows * tile_row_bytes <= SMEM_BYTES
 
     return [FWD_CONFIGS[0], *(cfg for cfg in FWD_CONFIGS[1:] if fits(cfg))]
 
 
-def _bucket(n: int) -> int:
-    """Tuning bucket of a length: powers of two up to 16K; longer problems reuse the 16K choice
-    (a tuning pass over every candidate at S = 256K would cost minutes)."""
-    return min(triton.next_power_of_2(max(n, 1)), 16384)
+def _gluon_configs(q: torch.Tensor, out: torch.Tensor | None, path: str) -> list[Config]:
+    """The Gluon forward's candidates for this call, or none when it cannot take it (said once when forced)."""
+    reason = gluon_fwd.gluon_supported(q, out)
+    if reason is not None:
+        if path == "gluon":
+            warn_once(f"FA3DIST_KERNEL=gluon, but the Gluon forward cannot take this call ({reason}): using tl")
+        return []
+    return [{"path": "gluon", "BLOCK_N": c.block_n, "STAGES": c.stages, "PINGPONG": c.pingpong, "P_SMEM": c.p_smem}
+            for c in gluon_fwd.GLUON_CONFIGS[q.shape[-1]]]
 
 
 def _choose_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
                    out: torch.Tensor | None, lse: torch.Tensor | None, accumulate: bool) -> Config:
-    if _INTERPRET or not q.is_cuda or q.dtype == torch.float32:
+    if uses_small_config(q):
         return SMALL_CONFIG
-    batch, seq_q, heads, head_dim = q.shape
-    out_dtype = q.dtype if out is None else out.dtype
-    key: Any = ("triton_fwd", str(q.device), q.dtype, out_dtype, accumulate, head_dim, causal, _bucket(seq_q),
-                _bucket(k.shape[1]), min(triton.next_power_of_2(batch * heads), 64))
+    out_dtype = str(q.dtype if out is None else out.dtype).removeprefix("torch.")
+    key = tuning_key("flash_fwd", source_hash(__file__) + source_hash(gluon_fwd.__file__), q, k, causal=causal,
+                     out_dtype=out_dtype, accumulate=accumulate)
 
     def trial(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:  # on copies: tuning must not merge twice
         targets = (None, None) if out is None else (out.clone(), lse.clone())
         return _launch(q, k, v, softmax_scale, causal, cfg, *targets, accumulate)
 
-    return pick_config(key, candidate_configs(head_dim, q.dtype), trial)
+    path = kernel_path()
+    candidates = [] if path == "tl" else _gluon_configs(q, out, path)
+    if path != "gluon" or not candidates:  # the tl candidates (first: the safe reference) join or replace them
+        candidates = candidate_configs(q.shape[3], q.dtype) + candidates
+    return pick_config({**key, "path": path}, candidates, trial)
 
 
 def _check_out(q: torch.Tensor, out: torch.Tensor | None, lse: torch.Tensor | None, accumulate: bool) -> None:
@@ -294,9 +290,9 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scal
         raise TypeError("softmax_scale must be a positive float, got None")
     softmax_scale = resolve_scale(softmax_scale, q.shape[-1])
     _check_out(q, out, lse, accumulate)
-    if not q.is_cuda and not _INTERPRET:
-        raise ValueError(f"flash_fwd needs CUDA tensors (or TRITON_INTERPRET=1 at import), got {q.device}")
+    check_device(q, "flash_fwd")
     q, k, v = (tma_ready(t) for t in (q, k, v))
     cfg = _choose_config(q, k, v, softmax_scale, causal, out, lse, accumulate)
-    log.debug("flash_fwd %s %s causal=%s accumulate=%s with %s", tuple(q.shape), q.dtype, causal, accumulate, cfg)
+    note_path("flash_fwd", cfg.get("path", "tl"), "(FA3DIST_KERNEL=%s) q=%s k=%s %s causal=%s accumulate=%s config=%s",
+              kernel_path(), tuple(q.shape), tuple(k.shape), q.dtype, causal, accumulate, cfg)
     return _launch(q, k, v, softmax_scale, causal, cfg, out, lse, accumulate)

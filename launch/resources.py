@@ -108,7 +108,9 @@ def memory_need(cfg: Any, device: str) -> tuple[int, int, str] | None:
         rank0 = ring.peak_bytes() + single.peak_bytes()
         return rank0, rank0 + (w - 1) * ring.peak_bytes(), f"S={s} on one rank (the single-process reference)"
     if isinstance(cfg, ScalingConfig):
-        needs = [(_problem(cfg, device, s // w, s // w, cfg.dtype).peak_bytes(), w, s) for w, s in cfg.points()]
+        points = ([(cfg.world_size, t * cfg.world_size) for t in cfg.max_context_tokens_per_rank] if cfg.max_context
+                  else cfg.points())  # --max-context measures only its own sizes, on every rank
+        needs = [(_problem(cfg, device, s // w, s // w, cfg.dtype).peak_bytes(), w, s) for w, s in points]
         per_rank, w, s = max(needs)
         return per_rank, max(b * w for b, w, _ in needs), (f"S={s} on one rank" if w == 1 else f"S={s} over {w} ranks")
     if isinstance(cfg, RingBenchConfig):

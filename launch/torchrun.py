@@ -6,7 +6,9 @@ runs the same ``run_worker`` as the other launchers. Rank 0 writes ``result.json
 folder and prints the job's summary (the demo's table and verdict; exit code 1 on a mismatch).
 A failing rank's error goes to torchrun's error file (``@record``) and to its log, not to the
 console; a rank whose error only follows another rank's failure exits ``PEER_EXIT_DELAY_S`` later,
-so that torchrun's own report names the rank that caused it.
+so that torchrun's own report names the rank that caused it. Under ``torchrun --max-restarts N`` the
+agent restarts every rank after a failure; the train job then resumes from its last checkpoint
+(``TORCHELASTIC_RESTART_COUNT`` above 0), and the worker keeps each attempt's keys apart in the store.
 
 ``launch_torchrun`` runs torchrun's own engine (``elastic_launch`` with the configuration that
 ``torchrun --standalone --nproc-per-node N`` builds) in a thread, so that it learns every failed
@@ -119,7 +121,8 @@ def launch_torchrun(cfg: LaunchOptions, world_size: int) -> dict[str, Any]:
     """Run ``cfg``'s job under torchrun's engine on this host; return rank 0's result.
 
     When a rank fails, torchrun stops the others; ``RankFailedError`` names the rank that failed
-    first and how.
+    first and how. The agent does not restart ranks here: a restart (``fa3dist train --max-restarts``)
+    is a new launch, with a new rendezvous, that the CLI makes after the error.
     """
     clear_status(cfg.out)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ import zlib
 import torch
 
 from fa3dist import ring_fa3_attention, shard_sequence
+from fa3dist.kernels import Backend
 from fa3dist.kernels.numerics import relative_error
 from fa3dist.kernels.reference import reference_bwd, reference_fwd
 
@@ -64,17 +65,67 @@ def ring_errors(rank: int, world_size: int, backend: str = "reference",
     return results
 
 
-def disagreeing_call(rank: int, world_size: int, field: str) -> str:
-    """Call the ring with one rank's input differing in ``field``; return the error text."""
-    seq = 8 if (field == "seq" and rank == 1) else 4
-    dtype = torch.float64 if (field == "dtype" and rank == 1) else torch.float32
-    causal = field == "causal" and rank == 1
-    q = torch.randn(1, seq, 2, 8, dtype=dtype)
-    try:
-        ring_fa3_attention(q, q, q, causal=causal, backend="reference")
-    except ValueError as err:
-        return str(err)
-    return "no error"
+# Calls whose inputs differ on rank 1 (or fail rank 1's own checks); "agree" differs nowhere.
+DISAGREEMENTS = {
+    "seq": {"seq": 8},
+    "dtype": {"dtype": torch.bfloat16},
+    "causal": {"causal": True},
+    "softmax_scale": {"softmax_scale": 0.2},
+    "layout": {"layout": "contiguous"},
+    "bad dtype on one rank": {"dtype": torch.int32},
+    "odd zigzag shard on one rank": {"seq": 5},
+    "agree": {},
+}
+
+
+def disagreeing_calls(rank: int, world_size: int) -> dict[str, str]:
+    """Every ``DISAGREEMENTS`` call in turn on this rank: the error it raised ("Type: message"), or "ok"."""
+    results = {}
+    for name, on_rank1 in DISAGREEMENTS.items():
+        call = {"seq": 4, "dtype": torch.float32, "causal": False, "softmax_scale": 0.1, "layout": "zigzag"}
+        call.update(on_rank1 if rank == 1 else {})
+        q = torch.randn(1, call["seq"], 2, 8).to(call["dtype"])
+        try:
+            ring_fa3_attention(q, q, q, causal=call["causal"], softmax_scale=call["softmax_scale"],
+                               layout=call["layout"], backend="reference")
+            results[name] = "ok"
+        except (TypeError, ValueError) as err:
+            results[name] = f"{type(err).__name__}: {err}"
+    return results
+
+
+def host_only_check(rank: int, world_size: int) -> dict[str, str]:
+    """The rank check on fake CUDA tensors (no data, no device) in a "cpu:gloo,cuda:gloo" group.
+
+    On this CPU-only build any device tensor the check made, or any data it read, would raise.
+    Returns what agreeing ranks, disagreeing ranks and a sub-group of ranks 0 and 2 (rank 1 stays
+    out) got; also whether the sub-group's gloo side group was made once.
+    """
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fa3dist.api import check_ring_call
+    from fa3dist.ring import agree
+
+    with FakeTensorMode():
+        q = torch.empty(1, 8, 4, 16, device="cuda", dtype=torch.bfloat16)
+        kv = torch.empty(1, 8, 2, 16, device="cuda", dtype=torch.bfloat16)
+
+    def attempt(group=None, scale=0.25):
+        try:
+            got, backend = check_ring_call(q, kv, kv, causal=True, softmax_scale=scale, group=group,
+                                           layout="zigzag", backend="reference")
+            return f"ok {got} {backend.name}"
+        except ValueError as err:
+            return f"ValueError: {err}"
+
+    results = {"agree": attempt(), "disagree": attempt(scale=0.25 if rank else 0.5)}
+    sub = dist.new_group([0, 2], backend="cpu:gloo,cuda:gloo")
+    if rank != 1:
+        results["subgroup"] = attempt(sub)
+        results["subgroup again"] = attempt(sub)
+        results["side groups"] = str(sorted(agree._SIDE_GROUPS[dist.group.WORLD]))
+    return results
 
 
 def unshard_round_trip(rank: int, world_size: int) -> bool:
@@ -88,3 +139,45 @@ def unshard_round_trip(rank: int, world_size: int) -> bool:
         if not torch.equal(unshard_sequence(local, layout=layout, seq_dim=dim), full):
             return False
     return True
+
+
+def flash_like_backend(fwd_accumulates: bool, bwd_accumulates: bool) -> Backend:
+    """A backend that allocates what a flash kernel allocates (its outputs) and computes nothing:
+    the ring's own memory use, measured on the CPU."""
+    def fwd(q, k, v, *, softmax_scale, causal, out=None, lse=None, accumulate=False):
+        if out is not None:
+            return out, lse
+        return torch.zeros_like(q), torch.zeros(q.shape[0], q.shape[2], q.shape[1])
+
+    def bwd(do, q, k, v, out, lse, *, softmax_scale, causal, dq=None, dk=None, dv=None, accumulate=False):
+        if dq is None and dk is None:
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return dq, dk, dv
+
+    return Backend("flash-like", fwd, bwd, cuda_only=False, fwd_accumulates=fwd_accumulates,
+                   bwd_accumulates=bwd_accumulates)
+
+
+def ring_peak_bytes_per_token(rank: int, world_size: int, tokens: int = 64) -> dict[str, float]:
+    """Peak bytes per local token of one ring fwd+bwd (inputs and gradients included) at H=32,
+    H_kv=8, D=128 in bfloat16, for a backend that accumulates in its kernels and for one that does not."""
+    from fa3dist.api import attention
+    from fa3dist.bench.memory import peak_bytes
+    from fa3dist.ring import ProcessGroupRing
+
+    gen = torch.Generator().manual_seed(rank)
+    q, do = (torch.randn(1, tokens, 32, 128, generator=gen).bfloat16() for _ in range(2))
+    k, v = (torch.randn(1, tokens, 8, 128, generator=gen).bfloat16() for _ in range(2))
+    for t in (q, k, v):
+        t.requires_grad_()
+    results = {}
+    for name, flags in (("accumulating", (True, True)), ("plain", (False, False))):
+        backend = flash_like_backend(*flags)
+
+        def step():
+            out, _ = attention(q, k, v, ProcessGroupRing(), causal=True, softmax_scale=0.1, layout="zigzag",
+                               backend=backend)
+            out.backward(do)
+
+        results[name] = peak_bytes(step, [q, k, v, do]) / tokens
+    return results

@@ -146,7 +146,7 @@ def test_scaling_bench_on_cpu_with_the_local_launcher(tmp_path):
     run = _cli("bench", "scaling", "--config", "configs/scaling_cpu.yaml", "--out", str(tmp_path), "--plot",
                "--set", f"out={tmp_path / 'runs'}")
     assert run.returncode == 0, run.stdout + run.stderr
-    (result,) = tmp_path.glob("scaling-*-local.json")
+    (result,) = tmp_path.glob("scaling-*-local-*.json")
     rows = json.loads(result.read_text())["rows"]
     ring_rows = [r for r in rows if r["world_size"] == 2]
     assert ring_rows and all(r["overlap_efficiency"] > 0 and r["efficiency_vs_one_gpu"] > 0 for r in ring_rows)
@@ -171,7 +171,7 @@ def test_ray_launcher_runs_the_scaling_bench(ray_cluster, tmp_path):
                        "tokens_per_rank=[128]", "strong_seq_lens=[]"], world_size=2)
     result = launch_ray(cfg, 2)
     assert {r["world_size"] for r in result["rows"]} == {1, 2}
-    assert list(tmp_path.glob("scaling-*-ray.json"))
+    assert list(tmp_path.glob("scaling-*-ray-*.json"))
 
 
 def test_ray_placement_that_cannot_be_satisfied_is_refused_at_once(ray_cluster, tmp_path):

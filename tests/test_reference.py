@@ -58,3 +58,26 @@ def test_reference_keeps_dtypes():
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     out64, lse64 = reference_fwd(q.double(), q.double(), q.double(), softmax_scale=0.3, causal=True)
     assert lse64.dtype == torch.float64
+
+
+def test_backward_into_buffers_adds_or_writes_only_what_is_asked():
+    """``dq=``/``dk=``/``dv=`` buffers (float32 row-slice views here) get the gradients added
+    (``accumulate=True``) or written; a gradient without a buffer is not computed."""
+    gen = torch.Generator().manual_seed(5)
+    q, do = (torch.randn(1, 6, 4, 8, generator=gen) for _ in range(2))
+    k, v = (torch.randn(1, 10, 2, 8, generator=gen) for _ in range(2))
+    out, lse = reference_fwd(q, k, v, softmax_scale=0.3, causal=False)
+    want = reference_bwd(do, q, k, v, out, lse, softmax_scale=0.3, causal=False)
+    dq_full, dk_full, dv_full = torch.ones(1, 9, 4, 8), torch.ones(1, 12, 2, 8), torch.ones(1, 12, 2, 8)
+    dq, dk, dv = dq_full[:, 2:8], dk_full[:, 1:11], dv_full[:, 1:11]
+    got = reference_bwd(do, q, k, v, out, lse, softmax_scale=0.3, causal=False, dk=dk, dv=dv, accumulate=True)
+    assert got[0] is None and got[1] is dk and got[2] is dv
+    assert torch.equal(dq_full, torch.ones_like(dq_full))  # not asked for: untouched
+    assert torch.allclose(dk, want[1] + 1) and torch.allclose(dv, want[2] + 1)
+    assert torch.equal(dk_full[:, [0, 11]], torch.ones(1, 2, 2, 8))  # rows outside the view untouched
+    got = reference_bwd(do, q, k, v, out, lse, softmax_scale=0.3, causal=False, dq=dq, accumulate=False)
+    assert got[1] is None and got[2] is None and torch.allclose(dq, want[0])
+    with pytest.raises(ValueError, match="dk and dv must be given together"):
+        reference_bwd(do, q, k, v, out, lse, softmax_scale=0.3, causal=False, dk=dk)
+    with pytest.raises(TypeError, match="dq must be float32 or float64"):
+        reference_bwd(do, q, k, v, out, lse, softmax_scale=0.3, causal=False, dq=dq.half())

@@ -82,6 +82,11 @@ def test_a_problem_that_cannot_fit_is_refused_before_it_starts():
         check_memory(ring, "cpu")
     small = dataclasses.replace(load_config(ScalingConfig, "configs/scaling_cpu.yaml"), world_size=2)
     check_memory(small, "cpu", ranks_here=2)
+    check_memory(dataclasses.replace(big, max_context=True, max_context_tokens_per_rank=[64, 128]), "cpu",
+                 ranks_here=4)  # --max-context runs its own sizes only
+    with pytest.raises(ConfigError, match=r"S=4294967296 over 4 ranks"):
+        check_memory(dataclasses.replace(small, world_size=4, max_context=True,
+                                         max_context_tokens_per_rank=[64, 1 << 30]), "cpu", ranks_here=4)
     check_memory(load_config(RingBenchConfig, "configs/bench_ring_cpu.yaml"), "cpu")
     check_memory(DemoConfig(world_size=4), "cpu", ranks_here=4)
     assert host_memory_bytes() > 1 << 30

@@ -1,6 +1,9 @@
-"""The ring schedule with virtual ranks (threads of one process) at larger and odd world sizes."""
+"""The ring schedule with virtual ranks (threads of one process) at many world sizes, with backends that
+accumulate gradients in the kernel and backends that return them; the order of the backward's work."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -10,19 +13,25 @@ from fa3dist.api import attention
 from fa3dist.kernels import get_backend
 from fa3dist.kernels.numerics import relative_error
 from fa3dist.kernels.reference import reference_bwd, reference_fwd
-from fa3dist.ring import LoopbackRing, ring_forward, run_thread_ring
+from fa3dist.ring import LoopbackRing, ring_backward, ring_forward, run_thread_ring
 
 
-@pytest.mark.parametrize("world_size", [5, 8])
+def _reference(accumulating: bool):
+    """The reference backend, with its in-kernel gradient accumulation or (as cuDNN) without it."""
+    return dataclasses.replace(get_backend("reference"), bwd_accumulates=accumulating)
+
+
+@pytest.mark.parametrize("accumulating", [True, False], ids=["bwd-accumulates", "bwd-returns"])
+@pytest.mark.parametrize("world_size", [2, 3, 4, 5, 8])
 @pytest.mark.parametrize("layout,causal", [("zigzag", True), ("contiguous", True), ("zigzag", False)])
-def test_virtual_ring_matches_float64_math(world_size, layout, causal):
+def test_virtual_ring_matches_float64_math(world_size, layout, causal, accumulating):
     gen = torch.Generator().manual_seed(world_size)
     seq = 4 * world_size
     q, do = (torch.randn(1, seq, 4, 8, dtype=torch.float64, generator=gen) for _ in range(2))
     k, v = (torch.randn(1, seq, 2, 8, dtype=torch.float64, generator=gen) for _ in range(2))
     ref_out, ref_lse = reference_fwd(q, k, v, softmax_scale=0.4, causal=causal)
     ref = (ref_out, *reference_bwd(do, q, k, v, ref_out, ref_lse, softmax_scale=0.4, causal=causal))
-    backend = get_backend("reference")
+    backend = _reference(accumulating)
 
     def rank_fn(ring):
         def shard(x):
@@ -62,3 +71,54 @@ def test_a_failing_virtual_rank_stops_the_others():
 
     with pytest.raises(KeyError, match="boom"):
         run_thread_ring(rank_fn, 4, timeout_s=30)
+
+
+class _LoggingRing(LoopbackRing):
+    """A loopback ring that logs its exchanges and waits."""
+
+    def __init__(self, rank: int, world_size: int, log: list[str]):
+        super().__init__(rank, world_size)
+        self.log = log
+
+    def send_recv(self, tensors, channel=0):
+        name = "kv" if channel == 0 else "dkv"
+        self.log.append(f"send {name}")
+        done = super().send_recv(tensors, channel)
+        log = self.log
+
+        class Logged:
+            def wait(self):
+                log.append(f"wait {name}")
+                return done.wait()
+
+        return Logged()
+
+
+@pytest.mark.parametrize("accumulating", [True, False], ids=["bwd-accumulates", "bwd-returns"])
+def test_backward_sends_dkv_on_before_the_dq_work_and_waits_only_when_needed(accumulating):
+    """Per step: post K/V; wait for the arriving dK/dV only before adding into it; send it on; then
+    the dQ work; wait for K/V last. The last step sends dK/dV home before its dQ work."""
+    log: list[str] = []
+    backend = _reference(accumulating)
+
+    def bwd(*args, dq=None, dk=None, dv=None, **kwargs):
+        if dq is None and dk is None:
+            log.append("bwd")
+            return backend.bwd(*args, **kwargs)
+        log.append("bwd dq" if dq is not None else "bwd dkv")
+        return backend.bwd(*args, dq=dq, dk=dk, dv=dv, **kwargs)
+
+    spy = dataclasses.replace(backend, bwd=bwd)
+    x = torch.randn(1, 8, 2, 8)
+    out, lse = spy.fwd(x, x, x, softmax_scale=0.3, causal=True)
+    ring_backward(x, x, x, x, out, lse, _LoggingRing(1, 3, log), backend=spy, softmax_scale=0.3, causal=True,
+                  layout="zigzag")
+    if accumulating:
+        steps = [["send kv", "bwd dkv", "send dkv", "bwd dq", "wait kv"],
+                 ["send kv", "wait dkv", "bwd dkv", "send dkv", "bwd dq", "wait kv"],
+                 ["wait dkv", "bwd dkv", "send dkv", "bwd dq"]]
+    else:  # dQ comes with dK/dV from one call; its add into the accumulator still follows the send
+        steps = [["send kv", "bwd", "send dkv", "wait kv"],
+                 ["send kv", "bwd", "wait dkv", "send dkv", "wait kv"],
+                 ["bwd", "wait dkv", "send dkv"]]
+    assert log == [event for step in steps for event in step] + ["wait dkv"]

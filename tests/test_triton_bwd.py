@@ -13,15 +13,16 @@ import torch
 
 from fa3dist.kernels import triton_bwd
 from fa3dist.kernels.autotune import relative_error
+from fa3dist.kernels.common import INTERPRET
 from fa3dist.kernels.reference import reference_bwd, reference_fwd
 from fa3dist.kernels.triton_bwd import BWD_CONFIGS, SMALL_CONFIG, candidate_configs, flash_bwd, flash_bwd_config
 
-DEVICE = "cpu" if triton_bwd._INTERPRETED else "cuda"
+DEVICE = "cpu" if INTERPRET else "cuda"
 # triton 3.6's interpreter turns a 1-element array into a loop bound this way; not our code.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 TOL = 1e-5
 # The interpreter has no descriptor reductions, so "tma_reduce" runs only compiled.
-MODES = ("atomic", "separate") if triton_bwd._INTERPRETED else triton_bwd.DQ_MODES
+MODES = ("atomic", "separate") if INTERPRET else triton_bwd.DQ_MODES
 
 
 def _randn(*shape: int, gen: torch.Generator) -> torch.Tensor:
@@ -235,7 +236,7 @@ def test_bad_softmax_scale_raises(scale, error):
 BAD_CONFIGS = [{"BLOCK_N": 48}, {"BLOCK_M": 8}, {"BLOCK_N": 256}, {"BLOCK_N": 16, "BLOCK_M": 32}, {"dq": "nope"}]
 
 
-@pytest.mark.parametrize("change", BAD_CONFIGS + [{"dq": "tma_reduce"}] * triton_bwd._INTERPRETED)
+@pytest.mark.parametrize("change", BAD_CONFIGS + [{"dq": "tma_reduce"}] * INTERPRET)
 def test_bad_config_raises(change):
     args = _valid()
     with pytest.raises(ValueError):
@@ -245,9 +246,134 @@ def test_bad_config_raises(change):
 
 @pytest.mark.parametrize(("head_dim", "block_d"), [(8, 64), (64, 64), (72, 128), (128, 128), (136, 256), (256, 256)])
 def test_candidate_configs(head_dim, block_d):
-    configs = candidate_configs(head_dim)
+    configs = candidate_configs(head_dim, torch.bfloat16)
     assert configs is BWD_CONFIGS[block_d]
     assert configs[0]["dq"] == "separate"
     assert {"separate", "tma_reduce"} <= {c["dq"] for c in configs} <= set(triton_bwd.DQ_MODES)
     for cfg in configs:
         triton_bwd._check_config({**cfg, "dq": "atomic"})  # tma_reduce is refused in the interpreter
+
+
+def _filled(*shape: int, seed: int) -> torch.Tensor:
+    """A float32 buffer holding random values: accumulation must add to them, not overwrite."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def _bwd_into(block: tuple, scale: float, causal: bool, cfg: dict, dq, dk, dv, accumulate: bool, split: bool):
+    """One backward call into the buffers, or (``split``) two as the ring makes them: dK/dV, then dQ."""
+    opts = dict(softmax_scale=scale, causal=causal, config=cfg, accumulate=accumulate)
+    if not split:
+        got = flash_bwd_config(*block, dq=dq, dk=dk, dv=dv, **opts)
+        assert got[0] is dq and got[1] is dk and got[2] is dv
+        return
+    assert flash_bwd_config(*block, dk=dk, dv=dv, **opts) == (None, dk, dv)
+    assert flash_bwd_config(*block, dq=dq, **opts) == (dq, None, None)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-call", "split"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 2), (3, 1)], ids=["gqa", "mqa"])
+def test_accumulate_key_halves_into_views(heads, kv_heads, mode, split):
+    """Two key halves (Sq != Sk) accumulated into row-slice views of larger buffers (dk/dv a stacked
+    pair, as the ring's) equal what the buffers held plus the full float64 gradients."""
+    batch, seq_q, seq_k, head_dim, half, pad = 2, 29, 41, 24, 18, 5
+    q, k, v, do = _make(batch, seq_q, seq_k, heads, kv_heads, head_dim, seed=heads + 20)
+    scale = 0.3
+    out, lse = _fwd64(q, k, v, scale, False)
+    full = _ref64(do, q, k, v, out, lse, scale, False)
+    dq_all = _filled(batch, seq_q + pad, heads, head_dim, seed=1)
+    dkv_all = _filled(2, batch, seq_k + pad, kv_heads, head_dim, seed=2)
+    before = (dq_all.clone(), dkv_all.clone())
+    dq, dk, dv = dq_all[:, pad:], dkv_all[0][:, pad:], dkv_all[1][:, pad:]
+    for keys in (slice(0, half), slice(half, None)):
+        _bwd_into((do, q, k[:, keys], v[:, keys], out, lse), scale, False, dict(SMALL_CONFIG, dq=mode),
+                  dq, dk[:, keys], dv[:, keys], True, split)
+    expected = (before[0][:, pad:] + full[0], before[1][0][:, pad:] + full[1], before[1][1][:, pad:] + full[2])
+    _assert_close((dq, dk, dv), expected)
+    assert torch.equal(dq_all[:, :pad], before[0][:, :pad]) and torch.equal(dkv_all[:, :, :pad], before[1][:, :, :pad])
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-call", "split"])
+@pytest.mark.parametrize("mode", MODES)
+def test_accumulate_causal_blocks_as_the_ring_does(mode, split):
+    """Causal attention over 2n tokens as the ring splits it: two causal diagonal blocks and the
+    non-causal block of the second query half against the first key half: the diagonal blocks
+    write into NaN-filled buffers, the last block adds."""
+    batch, n, heads, kv_heads, head_dim = 1, 21, 4, 1, 16
+    q, k, v, do = _make(batch, 2 * n, 2 * n, heads, kv_heads, head_dim, seed=31)
+    scale = 0.35
+    out, lse = _fwd64(q, k, v, scale, True)
+    full = _ref64(do, q, k, v, out, lse, scale, True)
+    dq = torch.full(q.shape, math.nan, device=DEVICE)  # every row is written before it is added to
+    dkv = torch.full((2, *k.shape), math.nan, device=DEVICE)
+    cfg = dict(SMALL_CONFIG, dq=mode)
+    first, second = slice(0, n), slice(n, 2 * n)
+    for rows, keys, causal, accumulate in ((first, first, True, False), (second, second, True, False),
+                                           (second, first, False, True)):
+        block = (do[:, rows], q[:, rows], k[:, keys], v[:, keys], out[:, rows], lse[:, :, rows])
+        _bwd_into(block, scale, causal, cfg, dq[:, rows], dkv[0][:, keys], dkv[1][:, keys], accumulate, split)
+    _assert_close((dq, dkv[0], dkv[1]), full)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_buffers_without_accumulate_are_overwritten(mode):
+    q, k, v, do = _make(1, 33, 33, 2, 1, 40, seed=12)
+    out, lse = _fwd64(q, k, v, 0.3, True)
+    buffers = [_filled(*t.shape, seed=i) for i, t in enumerate((q, k, v))]
+    got = flash_bwd_config(do, q, k, v, out, lse, softmax_scale=0.3, causal=True, config=dict(SMALL_CONFIG, dq=mode),
+                           dq=buffers[0], dk=buffers[1], dv=buffers[2])
+    assert all(g is b for g, b in zip(got, buffers))
+    _assert_close(got, _ref64(do, q, k, v, out, lse, 0.3, True))
+
+
+def test_default_path_with_buffers():
+    """flash_bwd (not the explicit-config entry) takes the buffers too."""
+    q, k, v, do = _make(1, 20, 20, 2, 2, 16, seed=13)
+    out, lse = _fwd64(q, k, v, 0.25, False)
+    start = [_filled(*t.shape, seed=i) for i, t in enumerate((q, k, v))]
+    buffers = [t.clone() for t in start]
+    got = flash_bwd(do, q, k, v, out, lse, softmax_scale=0.25, causal=False, dq=buffers[0], dk=buffers[1],
+                    dv=buffers[2], accumulate=True)
+    ref = _ref64(do, q, k, v, out, lse, 0.25, False)
+    _assert_close(got, [s + r for s, r in zip(start, ref)])
+
+
+@pytest.mark.parametrize(("seq_q", "seq_k"), [(0, 20), (20, 0)])
+def test_empty_sequences_with_buffers(seq_q, seq_k):
+    q, k, v, do = _make(1, seq_q, seq_k, 2, 1, 16)
+    out, lse = _fwd64(q, k, v, 0.3, False)
+    start = [_filled(*t.shape, seed=i) for i, t in enumerate((q, k, v))]
+    kept = flash_bwd(do, q, k, v, out, lse, softmax_scale=0.3, causal=False, dq=start[0].clone(),
+                     dk=start[1].clone(), dv=start[2].clone(), accumulate=True)
+    assert all(torch.equal(a, b) for a, b in zip(kept, start))
+    zeroed = flash_bwd(do, q, k, v, out, lse, softmax_scale=0.3, causal=False, dq=start[0].clone(),
+                       dk=start[1].clone(), dv=start[2].clone())
+    assert all(t.abs().sum() == 0 for t in zeroed)
+
+
+def _buffers(**change) -> dict:
+    args = _valid()
+    grads = {name: torch.zeros(args[like].shape, device=DEVICE) for name, like in (("dq", "q"), ("dk", "k"), ("dv", "v"))}
+    return {**grads, **change}
+
+
+@pytest.mark.parametrize(("buffers", "error", "match"), [
+    (lambda: {"accumulate": True}, ValueError, "needs gradient buffers"),
+    (lambda: _buffers(accumulate=1), TypeError, "accumulate must be a bool"),
+    (lambda: _buffers(dv=None), ValueError, "dk and dv must be given together"),
+    (lambda: _buffers(dq=None, dk=None), ValueError, "dk and dv must be given together"),
+    (lambda: _buffers(dk="buffer"), TypeError, "dk must be a torch.Tensor"),
+    (lambda: _buffers(dq=torch.zeros(1, 16, 2, 16, device=DEVICE, dtype=torch.float64)), TypeError, "dq must be float32"),
+    (lambda: _buffers(dk=torch.zeros(1, 16, 1, 16, device=DEVICE, dtype=torch.bfloat16)), TypeError, "float32"),
+    (lambda: _buffers(dq=torch.zeros(1, 15, 2, 16, device=DEVICE)), ValueError, "dq must have shape"),
+    (lambda: _buffers(dv=torch.zeros(1, 16, 2, 16, device=DEVICE)), ValueError, "dv must have shape"),
+    (lambda: _buffers(dk=torch.zeros(1, 16, 1, 16, device="meta")), ValueError, "dk must have shape .* on"),
+    (lambda: _buffers(dq=torch.zeros(1, 16, 16, 2, device=DEVICE).transpose(2, 3)), ValueError, "TMA"),
+    (lambda: _buffers(dv=torch.zeros(1 * 16 * 16 + 1, device=DEVICE)[1:].view(1, 16, 1, 16)), ValueError, "TMA"),
+], ids=["accumulate-alone", "accumulate-int", "dk-without-dv", "dv-alone", "not-tensor", "float64", "bf16", "dq-shape",
+        "dv-shape", "device", "last-stride", "misaligned"])
+def test_bad_buffers_raise(buffers, error, match):
+    args = _valid()
+    with pytest.raises(error, match=match):
+        flash_bwd(args["do"], args["q"], args["k"], args["v"], args["out"], args["lse"], softmax_scale=0.25,
+                  causal=False, **buffers())

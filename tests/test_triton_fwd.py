@@ -11,13 +11,13 @@ import math
 import pytest
 import torch
 
-from fa3dist.kernels import triton_fwd
 from fa3dist.kernels.tma import tma_addressable
 from fa3dist.kernels.autotune import relative_error
+from fa3dist.kernels.common import INTERPRET
 from fa3dist.kernels.reference import reference_fwd
 from fa3dist.kernels.triton_fwd import FWD_CONFIGS, SMALL_CONFIG, _launch, candidate_configs, flash_fwd
 
-DEVICE = "cpu" if triton_fwd._INTERPRET else "cuda"
+DEVICE = "cpu" if INTERPRET else "cuda"
 TOL = 1e-5
 # triton 3.6's interpreter turns a 1-element array into a loop bound this way; not our code.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")

@@ -2,6 +2,8 @@
 
 A diagnostic for the ring's decomposition cost: the ring turns one causal call into mostly
 non-causal blocks, so a kernel that is slower per FLOP without the mask makes the ring slower.
+"bwd_acc" adds the gradients into fp32 buffers in the kernels, "bwd_split" does so in the ring's
+two calls per block (dK/dV, then dQ).
 Usage (on a GPU): python tools/kernel_times.py --out times.json
 """
 
@@ -47,12 +49,19 @@ def main() -> None:
         k, v = (torch.randn(1, seq_k, kv_heads, dim, device="cuda", dtype=dtype) for _ in range(2))
         out, lse = flash_fwd(q, k, v, softmax_scale=dim ** -0.5, causal=causal)
         flops = 4.0 * heads * seq_q * seq_k * dim / (2 if causal else 1)  # forward, as FlashAttention counts
-        passes = {"fwd": lambda: flash_fwd(q, k, v, softmax_scale=dim ** -0.5, causal=causal),
-                  "bwd": lambda: flash_bwd(do, q, k, v, out, lse, softmax_scale=dim ** -0.5, causal=causal)}
+        grads = [torch.zeros(t.shape, device="cuda") for t in (q, k, v)]  # fp32, as the ring's accumulators
+        bwd_args = (do, q, k, v, out, lse)
+        opts = {"softmax_scale": dim ** -0.5, "causal": causal}
+        passes = {"fwd": lambda: flash_fwd(q, k, v, **opts),
+                  "bwd": lambda: flash_bwd(*bwd_args, **opts),
+                  "bwd_acc": lambda: flash_bwd(*bwd_args, **opts, dq=grads[0], dk=grads[1], dv=grads[2],
+                                               accumulate=True),
+                  "bwd_split": lambda: (flash_bwd(*bwd_args, **opts, dk=grads[1], dv=grads[2], accumulate=True),
+                                        flash_bwd(*bwd_args, **opts, dq=grads[0], accumulate=True))}
         for name, fn in passes.items():
             times = kernel_ms(fn, args.iters)
             total = sum(times.values())
-            pass_flops = flops * (2.5 if name == "bwd" else 1.0)
+            pass_flops = flops * (2.5 if name.startswith("bwd") else 1.0)
             rows.append({"pass": name, "seq_q": seq_q, "seq_k": seq_k, "causal": causal, "ms": total,
                          "tflops": pass_flops / total / 1e9, "kernels_ms": times})
             print(f"{name} Sq={seq_q} Sk={seq_k} causal={causal}: {total:.2f} ms, "

@@ -7,8 +7,8 @@ were busy, split into attention kernels, NCCL kernels and the rest (copies, adds
 compute stream's idle time inside the iterations. Rank 0 also writes its Chrome trace (gzip).
 The profiler's own host overhead skews the ranks against each other; ``--timing-only`` instead
 times iterations without it: through ``ring_fa3_attention``, through the same ring without the
-ranks-agree check (one all_gather and a host sync per call), and the same schedule without
-communication (``LoopbackRing``).
+ranks-agree check (one all_gather of a few integers over a gloo group per call, on the host), and
+the same schedule without communication (``LoopbackRing``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from fa3dist.ring import LoopbackRing, ProcessGroupRing
 def kind(name: str) -> str:
     if "nccl" in name.lower():
         return "nccl"
-    if name.startswith(("_fwd_kernel", "_bwd_")) or "attention" in name.lower() or "flash" in name.lower():
+    if name.startswith(("_fwd_kernel", "_gluon_fwd", "_bwd_")) or "attention" in name.lower() or "flash" in name.lower():
         return "attention"
     return "other"
 

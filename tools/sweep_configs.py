@@ -51,7 +51,7 @@ def main() -> None:
                     do_b = do.transpose(1, 2).contiguous()
                     base = time_ms(lambda: torch.autograd.grad(ref_out, (cudnn.q, cudnn.k, cudnn.v), do_b,
                                                                retain_graph=True))
-                    cands = triton_bwd.candidate_configs(head_dim)
+                    cands = triton_bwd.candidate_configs(head_dim, q.dtype)
                     ref_dq = torch.autograd.grad(ref_out, (cudnn.q,), do_b, retain_graph=True)[0].transpose(1, 2)
                     run = lambda cfg: triton_bwd.flash_bwd_config(do, q, k, v, out, lse, softmax_scale=scale,  # noqa
                                                                   causal=causal, config=cfg)

@@ -3,7 +3,8 @@
 For every head dim D, sequence length S and causal setting: B = tokens / S sequences of
 H = model_dim / D heads, fresh random inputs, forward and backward, TFLOP/s as the FlashAttention
 papers count them, each implementation timed in the same process. Our output and gradients are
-checked against cuDNN's before they are timed.
+checked against cuDNN's before they are timed. A failing peer becomes an error row; our own kernel
+failing or disagreeing with cuDNN fails the run (after the results are written).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import torch
 from tqdm import tqdm
 
 from fa3dist.config import check_choices
+from fa3dist.kernels.common import paths_taken
 from fa3dist.kernels.numerics import relative_error
 
 from .common import DTYPES, attention_flops, gpu_tag, markdown_table, run_meta, time_ms, write_results
-from .peers import IMPLS, prepare
+from .peers import IMPLS, prepare, unavailable_reason
 
 log = logging.getLogger("fa3dist.bench")
 
@@ -94,6 +96,9 @@ def run_kernel_bench(cfg: KernelBenchConfig) -> tuple[dict[str, Any], list[dict[
     if not torch.cuda.is_available():
         raise RuntimeError("bench kernel needs a CUDA GPU")
     gen = torch.Generator(device="cuda").manual_seed(cfg.seed)
+    skipped = {i: reason for i in cfg.impls if (reason := unavailable_reason(i, torch.device("cuda")))}
+    for impl, reason in skipped.items():
+        log.warning("peer %s skipped: %s", impl, reason)
     rows: list[dict[str, Any]] = []
     cells = cfg.cells()
     progress = tqdm(cells, desc="bench kernel", unit="cell")
@@ -105,7 +110,8 @@ def run_kernel_bench(cfg: KernelBenchConfig) -> tuple[dict[str, Any], list[dict[
         q, do = (torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=dtype, generator=gen) for _ in range(2))
         k, v = (torch.randn(batch, seq, kv_heads, head_dim, device="cuda", dtype=dtype, generator=gen)
                 for _ in range(2))
-        impls = [i for i in cfg.impls if i != "flex" or (head_dim in cfg.flex_head_dims and seq in cfg.flex_seq_lens)]
+        impls = [i for i in cfg.impls if i not in skipped
+                 and (i != "flex" or (head_dim in cfg.flex_head_dims and seq in cfg.flex_seq_lens))]
         reference = None
         for impl in sorted(impls, key=lambda i: i != "cudnn"):  # cudnn first: the others are checked against it
             base = {"impl": impl, "dtype": dtype_name, "B": batch, "H": heads, "Hkv": kv_heads, "S": seq,
@@ -128,12 +134,22 @@ def run_kernel_bench(cfg: KernelBenchConfig) -> tuple[dict[str, Any], list[dict[
             del outputs
         del q, k, v, do
         torch.cuda.empty_cache()
-    return run_meta(1), rows
+    taken = sorted({path for paths in paths_taken().values() for path in paths})
+    return run_meta(1, fa3dist_kernel="+".join(taken) or None, skipped_peers=skipped), rows
+
+
+def check_own_rows(rows: list[dict[str, Any]]) -> None:
+    """Raise RuntimeError when our kernel ("fa3dist") failed or disagreed with cuDNN in any cell."""
+    failed = sorted({f"{r['dtype']} D={r['D']} S={r['S']} causal={r['causal']}: {r['error']}"
+                     for r in rows if r["impl"] == "fa3dist" and r.get("error")})
+    if failed:
+        raise RuntimeError(f"fa3dist failed or disagreed with cuDNN in {len(failed)} cell(s):\n" + "\n".join(failed))
 
 
 def kernel_markdown(rows: list[dict[str, Any]]) -> str:
     """One table per (dtype, pass): TFLOP/s of every implementation and ours / cuDNN."""
     impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
+    peers = [p for p in ("cudnn", "fa3") if p in impls]
     sections = []
     for dtype, pass_ in sorted({(r["dtype"], r["pass"]) for r in rows}):
         cells = sorted({(r["D"], r["S"], r["causal"]) for r in rows if r["dtype"] == dtype and r["pass"] == pass_})
@@ -141,16 +157,19 @@ def kernel_markdown(rows: list[dict[str, Any]]) -> str:
         for d, s, causal in cells:
             found = {r["impl"]: r["tflops"] for r in rows
                      if (r["dtype"], r["pass"], r["D"], r["S"], r["causal"]) == (dtype, pass_, d, s, causal)}
-            ours, cudnn = found.get("fa3dist"), found.get("cudnn")
-            ratio = ours / cudnn if ours and cudnn else None
-            table.append([d, s, "yes" if causal else "no", *[found.get(i) for i in impls], ratio])
+            ours = found.get("fa3dist")
+            ratios = [ours / found[p] if ours and found.get(p) else None for p in peers]
+            table.append([d, s, "yes" if causal else "no", *[found.get(i) for i in impls], *ratios])
         sections.append(f"## {pass_}, {dtype} (TFLOP/s)\n\n" +
-                        markdown_table(["D", "S", "causal", *impls, "fa3dist/cudnn"], table))
+                        markdown_table(["D", "S", "causal", *impls, *(f"fa3dist/{p}" for p in peers)], table))
     return "\n\n".join(sections)
 
 
 def write_kernel_results(cfg: KernelBenchConfig, out_dir: str, plot: bool) -> list[str]:
-    """Run the bench and write JSON, Markdown (and PNG); return the paths written."""
+    """Run the bench and write JSON, Markdown (and PNG); return the paths written.
+
+    Raises RuntimeError, once the results are written, when our own kernel failed in any cell.
+    """
     meta, rows = run_kernel_bench(cfg)
     meta["config"] = dataclasses.asdict(cfg)
     stem = f"kernel-{gpu_tag(meta)}-{meta['date']}"
@@ -159,4 +178,8 @@ def write_kernel_results(cfg: KernelBenchConfig, out_dir: str, plot: bool) -> li
         from .plot import plot_kernel
 
         paths += plot_kernel(rows, out_dir, stem)
+    try:
+        check_own_rows(rows)
+    except RuntimeError as err:
+        raise RuntimeError(f"{err}\nresults written to {', '.join(paths)}") from None
     return paths

@@ -17,7 +17,16 @@ import torch.nn.functional as F
 
 from fa3dist.api import fa3_attention
 
-IMPLS = ("fa3dist", "cudnn", "flash2", "flex")
+IMPLS = ("fa3dist", "fa3", "cudnn", "flash2", "flex")
+
+
+def unavailable_reason(impl: str, device: torch.device) -> str | None:
+    """Why peer ``impl`` cannot run on ``device`` here, or None."""
+    if impl == "fa3":
+        from fa3dist.kernels.fa3 import unavailable_reason as fa3_reason
+
+        return fa3_reason(device)
+    return None
 
 
 @dataclass
@@ -56,6 +65,11 @@ def prepare(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
     def to_bshd(t: torch.Tensor) -> torch.Tensor:
         return t.transpose(1, 2)
 
+    if impl == "fa3":  # FlashAttention's own Hopper kernels through their public autograd function
+        from flash_attn.cute import flash_attn_func
+
+        ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        return Prepared(ql, kl, vl, lambda: flash_attn_func(ql, kl, vl, causal=causal)[0], lambda t: t)
     if impl in ("cudnn", "flash2"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

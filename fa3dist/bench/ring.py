@@ -72,7 +72,7 @@ def run_ring_bench(cfg: RingBenchConfig) -> tuple[dict[str, Any], list[dict[str,
         raise RuntimeError("bench ring on cuda needs a CUDA GPU (for a CPU smoke run use "
                            "configs/bench_ring_cpu.yaml: the default problem needs terabytes on a CPU)")
     dtype = DTYPES[cfg.dtype]
-    backend = get_backend(cfg.backend, cfg.device)
+    backend = get_backend(cfg.backend, cfg.device, dtype)
     scale = resolve_scale(None, cfg.head_dim)
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     shape_q = (cfg.batch, cfg.seq_len, cfg.heads, cfg.head_dim)
@@ -135,7 +135,7 @@ def write_ring_results(cfg: RingBenchConfig, out_dir: str, plot: bool) -> list[s
     """Run the bench and write JSON, Markdown (and PNG); return the paths written."""
     meta, rows = run_ring_bench(cfg)
     meta["config"] = dataclasses.asdict(cfg)
-    stem = f"ring-{gpu_tag(meta)}-{meta['date']}"
+    stem = f"ring-{gpu_tag(meta)}-{meta['date']}-{rows[0]['backend']}"
     paths = [str(p) for p in write_results(out_dir, stem, meta, rows, ring_markdown(rows))]
     if plot:
         from .plot import plot_lines

@@ -10,12 +10,19 @@ scaling (S = W x tokens per rank) and strong scaling (fixed S) — and every cau
 - "torch_cp": ``context_parallel`` on the same problem and ranks, each rotate method, the better
   one reported and named in the row.
 Each time is the slowest rank's median. "tflops" is per GPU: the whole problem's FLOPs / W / time.
+"peak_mem_gib" (fa3dist rows) is the largest rank's peak memory of one call, its inputs, outputs
+and gradients included (``fa3dist.bench.memory``), and "kib_per_token" the same per local token.
+
+With ``max_context`` it instead finds the longest sequence whose one-layer fwd+bwd fits
+(``run_max_context``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +40,7 @@ from fa3dist.ring import LoopbackRing
 from fa3dist.ring.schedule import LAYOUTS
 
 from .common import DTYPES, attention_flops, gpu_tag, markdown_table, run_meta, time_ms_events, write_results
+from .memory import peak_bytes
 from .torch_cp import ROTATE_METHODS, cp_attention
 
 log = logging.getLogger("fa3dist.bench")
@@ -66,6 +74,12 @@ class ScalingConfig(LaunchOptions):
     launcher: str = "local"  # recorded in the results; set by the CLI
     command: str = ""  # the driver's command line, recorded in the results; set by the CLI
     seed: int = 0
+    # --max-context: peak memory of one fwd+bwd (the first causal setting) at these tokens per rank,
+    # a linear fit, the longest sequence that fits, and one confirming run at a fraction of it
+    max_context: bool = False
+    max_context_tokens_per_rank: list[int] = field(default_factory=lambda: [16384, 32768, 65536, 131072])
+    max_context_memory_gib: float | None = None  # per GPU; None: what the GPU's allocator can get
+    max_context_confirm_fraction: float = 0.67
 
     def check(self) -> None:
         super().check()
@@ -82,6 +96,14 @@ class ScalingConfig(LaunchOptions):
                 raise ValueError(f"sequence length {s} does not split into {chunks} chunks at world size {w}")
         if self.repeat < 1:
             raise ValueError(f"key 'repeat' must be at least 1, got {self.repeat}")
+        sizes = self.max_context_tokens_per_rank
+        if len(set(sizes)) < 2 or min(sizes) < 2 or any(t % 2 for t in sizes):
+            raise ValueError(f"key 'max_context_tokens_per_rank' must list at least two even sizes, got {sizes}")
+        if not 0 < self.max_context_confirm_fraction <= 1:
+            raise ValueError(f"key 'max_context_confirm_fraction' must be in (0, 1], got "
+                             f"{self.max_context_confirm_fraction}")
+        if self.max_context_memory_gib is not None and self.max_context_memory_gib <= 0:
+            raise ValueError(f"key 'max_context_memory_gib' must be positive, got {self.max_context_memory_gib}")
 
     def points(self) -> list[tuple[int, int]]:
         """Every (world_size, total S) to measure: weak-scaling points, strong-scaling points, and
@@ -92,10 +114,21 @@ class ScalingConfig(LaunchOptions):
         return sorted(pts, key=lambda p: (p[1], p[0]))
 
 
-def _slowest(ms: float, group: dist.ProcessGroup | None, device: torch.device) -> float:
-    t = torch.tensor([ms], device=device, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+def _slowest(value: float, group: dist.ProcessGroup | None, device: torch.device,
+             op: dist.ReduceOp = dist.ReduceOp.MAX) -> float:
+    """The largest (``op``: or smallest) ``value`` over the ranks of ``group``."""
+    t = torch.tensor([value], device=device, dtype=torch.float64)
+    dist.all_reduce(t, op=op, group=group)
     return t.item()
+
+
+def _peak_fields(step, tensors: list[torch.Tensor], tokens: int, group: dist.ProcessGroup | None,
+                 world: int, device: torch.device) -> dict[str, float]:
+    """peak_mem_gib and kib_per_token of one ``step()`` (the largest rank's)."""
+    peak = peak_bytes(step, tensors)
+    if world > 1:
+        peak = _slowest(peak, group, device)
+    return {"peak_mem_gib": peak / 2**30, "kib_per_token": peak / tokens / 1024}
 
 
 def _step(call, do: torch.Tensor, with_backward: bool):
@@ -115,7 +148,7 @@ def _measure_point(cfg: ScalingConfig, ctx, world: int, seq: int, causal: bool, 
     gen = torch.Generator(device=device).manual_seed(cfg.seed + seq)  # the same full inputs on every rank
     full = [torch.randn(cfg.batch, seq, h, cfg.head_dim, device=device, dtype=dtype, generator=gen)
             for h in (cfg.heads, cfg.kv_heads, cfg.kv_heads, cfg.heads)]
-    backend = get_backend(cfg.backend, device)
+    backend = get_backend(cfg.backend, device, DTYPES[cfg.dtype])
     scale = resolve_scale(None, cfg.head_dim)
     with_backward = pass_ == "fwd+bwd"
     timing = dict(min_iters=cfg.min_iters, max_iters=cfg.max_iters, budget_ms=cfg.budget_ms)
@@ -128,22 +161,24 @@ def _measure_point(cfg: ScalingConfig, ctx, world: int, seq: int, causal: bool, 
     q, k, v, do = (shard_sequence(t, world_size=world, rank=ctx.rank, layout=cfg.layout).requires_grad_(i < 3)
                    for i, t in enumerate(full))
     rows = []
+    tensors = [q, k, v, do]
     if world == 1:
-        ms = time_ms_events(_step(lambda: attention(q, k, v, LoopbackRing(0, 1), causal=causal, softmax_scale=scale,
-                                                    layout=cfg.layout, backend=backend)[0], do, with_backward),
-                            **timing)
+        one_call = _step(lambda: attention(q, k, v, LoopbackRing(0, 1), causal=causal, softmax_scale=scale,
+                                           layout=cfg.layout, backend=backend)[0], do, with_backward)
+        ms = time_ms_events(one_call, **timing)
         return [{**base, "impl": "fa3dist", "backend": backend.name, "ms": ms, "tflops": flops / ms / 1e9,
-                 "overlap_efficiency": 1.0}]
+                 "overlap_efficiency": 1.0, **_peak_fields(one_call, tensors, seq, group, world, device)}]
     ring_out = ring_fa3_attention(q, k, v, causal=causal, group=group, layout=cfg.layout, backend=cfg.backend)
-    ring_ms = _slowest(time_ms_events(_step(lambda: ring_fa3_attention(
-        q, k, v, causal=causal, group=group, layout=cfg.layout, backend=cfg.backend), do, with_backward),
-        **timing), group, device)
+    ring_call = _step(lambda: ring_fa3_attention(q, k, v, causal=causal, group=group, layout=cfg.layout,
+                                                 backend=cfg.backend), do, with_backward)
+    ring_ms = _slowest(time_ms_events(ring_call, **timing), group, device)
+    memory = _peak_fields(ring_call, tensors, seq // world, group, world, device)
     alone_ms = _slowest(time_ms_events(_step(lambda: attention(
         q, k, v, LoopbackRing(ctx.rank, world), causal=causal, softmax_scale=scale, layout=cfg.layout,
         backend=backend)[0], do, with_backward), **timing), group, device)
     rows.append({**base, "impl": "fa3dist", "backend": backend.name, "ms": ring_ms,
                  "tflops": flops / world / ring_ms / 1e9, "overlap_efficiency": alone_ms / ring_ms,
-                 "no_comm_ms": alone_ms})
+                 "no_comm_ms": alone_ms, **memory})
     if cfg.torch_cp and device.type == "cuda":
         best = None
         for rotate in cfg.cp_rotate_methods:
@@ -186,7 +221,7 @@ def _derive(rows: list[dict[str, Any]]) -> None:
 def scaling_markdown(rows: list[dict[str, Any]]) -> str:
     """Weak and strong scaling tables."""
     header = ["causal", "pass", "W", "S", "tokens/rank", "fa3dist TFLOP/s/GPU", "vs one GPU", "overlap eff.",
-              "torch_cp TFLOP/s/GPU", "torch_cp rotate", "fa3dist/torch_cp"]
+              "torch_cp TFLOP/s/GPU", "torch_cp rotate", "fa3dist/torch_cp", "peak GiB", "KiB/token"]
     cp = {(r["S"], r["causal"], r["pass"], r["world_size"]): r for r in rows if r["impl"] == "torch_cp" and r.get("tflops")}
     body = []
     for r in sorted((r for r in rows if r["impl"] == "fa3dist"),
@@ -194,15 +229,20 @@ def scaling_markdown(rows: list[dict[str, Any]]) -> str:
         peer = cp.get((r["S"], r["causal"], r["pass"], r["world_size"]), {})
         body.append(["yes" if r["causal"] else "no", r["pass"], r["world_size"], r["S"], r["tokens_per_rank"],
                      r["tflops"], r.get("efficiency_vs_one_gpu"), r.get("overlap_efficiency"), peer.get("tflops"),
-                     peer.get("rotate"), r.get("ratio_to_torch_cp")])
+                     peer.get("rotate"), r.get("ratio_to_torch_cp"), r.get("peak_mem_gib"), r.get("kib_per_token")])
     note = ("Rows with W = 1 are one kernel call over the whole S on one GPU. \"vs one GPU\" divides the "
             "per-GPU TFLOP/s by that of the W = 1 row with the same S (weak-scaling efficiency). "
-            "\"overlap eff.\" is the time of the same schedule without communication over the real time.")
+            "\"overlap eff.\" is the time of the same schedule without communication over the real time. "
+            "\"peak GiB\" is one call's peak memory on the largest rank, inputs, outputs and gradients included; "
+            "\"KiB/token\" the same per local token.")
     return note + "\n\n" + markdown_table(header, body)
 
 
 def run_scaling(cfg: ScalingConfig, ctx) -> dict[str, Any]:
-    """The scaling job on one rank; rank 0 writes the results and returns them."""
+    """The scaling job on one rank (or with ``max_context`` the max-context job); rank 0 writes the
+    results and returns them."""
+    if cfg.max_context:
+        return run_max_context(cfg, ctx)
     world_max = max(cfg.world_sizes)
     if ctx.world_size < world_max:
         raise ValueError(f"the scaling job needs {world_max} ranks (max of world_sizes); it has {ctx.world_size}")
@@ -212,7 +252,8 @@ def run_scaling(cfg: ScalingConfig, ctx) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     meta = run_meta(ctx.world_size, launcher=cfg.launcher, config=dataclasses.asdict(cfg))
     meta["command"] = cfg.command or meta["command"]
-    stem = f"scaling-{gpu_tag(meta)}x{ctx.world_size}-{meta['date']}-{cfg.launcher}"
+    backend = get_backend(cfg.backend, ctx.device, DTYPES[cfg.dtype]).name
+    stem = f"scaling-{gpu_tag(meta)}x{ctx.world_size}-{meta['date']}-{cfg.launcher}-{backend}"
     paths: list[str] = []
     for rep, causal, world, seq, pass_ in tqdm(todo, desc="bench scaling", unit="point", disable=ctx.rank != 0):
         for row in _measure_point(cfg, ctx, world, seq, causal, pass_, groups.get(world)):
@@ -230,6 +271,116 @@ def run_scaling(cfg: ScalingConfig, ctx) -> dict[str, Any]:
             paths += plot_scaling(rows, cfg.results_dir, stem, cfg.tokens_per_rank)
         result.update(paths=paths, rows=rows)
     return result
+
+
+def _local_inputs(cfg: ScalingConfig, ctx, tokens_per_rank: int) -> list[torch.Tensor]:
+    """Random q, k, v (requiring grad) and dO for this rank's shard, made locally (never the whole sequence)."""
+    gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed + ctx.rank)
+    return [torch.randn(cfg.batch, tokens_per_rank, h, cfg.head_dim, device=ctx.device, dtype=DTYPES[cfg.dtype],
+                        generator=gen).requires_grad_(i < 3)
+            for i, h in enumerate((cfg.heads, cfg.kv_heads, cfg.kv_heads, cfg.heads))]
+
+
+def _fwd_bwd_peak_and_ms(cfg: ScalingConfig, ctx, tokens_per_rank: int, *, warm_up: bool) -> tuple[float, float]:
+    """Peak bytes and wall-clock ms of one fwd+bwd of ``ring_fa3_attention`` over all ranks (the
+    largest rank's of each), after one warm-up call when ``warm_up``."""
+    q, k, v, do = _local_inputs(cfg, ctx, tokens_per_rank)
+
+    def step() -> None:
+        ring_fa3_attention(q, k, v, causal=cfg.causal[0], layout=cfg.layout, backend=cfg.backend).backward(do)
+
+    if warm_up:
+        step()
+    if ctx.world_size > 1:
+        dist.barrier()
+    begin = time.perf_counter()
+    peak = peak_bytes(step, [q, k, v, do])  # synchronizes on CUDA before it returns
+    ms = (time.perf_counter() - begin) * 1e3
+    del q, k, v, do
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if ctx.world_size > 1:
+        return _slowest(peak, None, ctx.device), _slowest(ms, None, ctx.device)
+    return peak, ms
+
+
+def _memory_capacity(cfg: ScalingConfig, ctx) -> float:
+    """Bytes one rank may use: the configured GiB, or on CUDA free memory plus what this process's
+    allocator already holds; the smallest over the ranks."""
+    if cfg.max_context_memory_gib is not None:
+        return cfg.max_context_memory_gib * 2**30
+    if ctx.device.type != "cuda":
+        raise ValueError("key 'max_context_memory_gib' must be set for a max-context run on the CPU")
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(ctx.device)
+    capacity = free + torch.cuda.memory_reserved(ctx.device)
+    return _slowest(capacity, None, ctx.device, dist.ReduceOp.MIN) if ctx.world_size > 1 else capacity
+
+
+def _round_tokens(tokens: float) -> int:
+    """Down to a multiple of 1024 tokens per rank (of 2 below 16K): even, as zigzag needs."""
+    step = 1024 if tokens >= 16384 else 2
+    return int(tokens // step * step)
+
+
+def run_max_context(cfg: ScalingConfig, ctx) -> dict[str, Any]:
+    """The longest sequence whose one-layer fwd+bwd fits, on this job's ranks (all of them).
+
+    Measures the peak memory of one fwd+bwd (first causal setting) at each of
+    ``max_context_tokens_per_rank``, fits peak = base + slope * tokens per rank (memory grows
+    linearly with the shard for flash kernels), predicts the largest shard that fits the
+    capacity, and confirms by running ``max_context_confirm_fraction`` of it once, timed. The
+    confirming run is one call of possibly minutes: the process-group timeout (``timeout_s``) must
+    exceed it. Rank 0 writes maxcontext-<gpu>x<W>-<date>-<launcher>.json/.md.
+    """
+    world = ctx.world_size
+    base = {"dtype": cfg.dtype, "B": cfg.batch, "H": cfg.heads, "Hkv": cfg.kv_heads, "D": cfg.head_dim,
+            "causal": cfg.causal[0], "pass": "fwd+bwd", "world_size": world, "layout": cfg.layout,
+            "backend": get_backend(cfg.backend, ctx.device).name}
+    capacity = _memory_capacity(cfg, ctx)
+    rows = []
+    for tokens in tqdm(sorted(set(cfg.max_context_tokens_per_rank)), desc="max context", unit="size",
+                       disable=ctx.rank != 0):
+        peak, ms = _fwd_bwd_peak_and_ms(cfg, ctx, tokens, warm_up=True)
+        rows.append({**base, "kind": "measured", "tokens_per_rank": tokens, "S": tokens * world, "ms": ms,
+                     "peak_mem_gib": peak / 2**30, "kib_per_token": peak / tokens / 1024})
+    slope, intercept = statistics.linear_regression([r["tokens_per_rank"] for r in rows],
+                                                    [r["peak_mem_gib"] * 2**30 for r in rows])
+    longest = _round_tokens((capacity - intercept) / slope)
+    rows.append({**base, "kind": "predicted", "tokens_per_rank": longest, "S": longest * world,
+                 "fit_kib_per_token": slope / 1024, "fit_base_gib": intercept / 2**30,
+                 "capacity_gib": capacity / 2**30})
+    confirm = _round_tokens(longest * cfg.max_context_confirm_fraction)
+    if confirm < 2:
+        raise ValueError(f"no sequence fits: the fit predicts {longest} tokens per rank for {capacity / 2**30:.3g} GiB")
+    log.info("max context: predicted %d tokens per rank; confirming at %d", longest, confirm)
+    peak, ms = _fwd_bwd_peak_and_ms(cfg, ctx, confirm, warm_up=False)
+    rows.append({**base, "kind": "confirmed", "tokens_per_rank": confirm, "S": confirm * world, "ms": ms,
+                 "peak_mem_gib": peak / 2**30, "kib_per_token": peak / confirm / 1024, "fits": peak <= capacity,
+                 "predicted_peak_gib": (intercept + slope * confirm) / 2**30})
+    result: dict[str, Any] = {"job": "max_context"}
+    if ctx.rank == 0:
+        meta = run_meta(world, launcher=cfg.launcher, config=dataclasses.asdict(cfg))
+        meta["command"] = cfg.command or meta["command"]
+        stem = f"maxcontext-{gpu_tag(meta)}x{world}-{meta['date']}-{cfg.launcher}"
+        paths = [str(p) for p in write_results(cfg.results_dir, stem, meta, rows, max_context_markdown(rows))]
+        result.update(paths=paths, rows=rows)
+    return result
+
+
+def max_context_markdown(rows: list[dict[str, Any]]) -> str:
+    """The measured sizes, the fit and prediction, and the confirming run."""
+    header = ["kind", "W", "tokens/rank", "S", "peak GiB/GPU", "KiB/token", "time s", "fits"]
+    body = [[r["kind"], r["world_size"], r["tokens_per_rank"], r["S"], r.get("peak_mem_gib"), r.get("kib_per_token"),
+             None if r.get("ms") is None else r["ms"] / 1e3, r.get("fits")] for r in rows]
+    (pred,) = [r for r in rows if r["kind"] == "predicted"]
+    note = (f"One layer's fwd+bwd ({pred['backend']}, H={pred['H']}, H_kv={pred['Hkv']}, D={pred['D']}, "
+            f"{pred['dtype']}, causal={pred['causal']}, {pred['layout']}), inputs and gradients included. "
+            f"Linear fit of the measured peaks: {pred['fit_base_gib']:.3g} GiB + {pred['fit_kib_per_token']:.4g} KiB "
+            f"per local token; with {pred['capacity_gib']:.4g} GiB per GPU the longest sequence that fits is "
+            f"S = {pred['S']} ({pred['tokens_per_rank']} tokens per rank). The confirming run is one call, "
+            "timed by wall clock.")
+    return note + "\n\n" + markdown_table(header, body)
 
 
 def plot_scaling(rows: list[dict[str, Any]], out_dir: str, stem: str, tokens_per_rank: list[int]) -> list[str]:

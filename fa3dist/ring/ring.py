@@ -1,11 +1,25 @@
 """The ring schedule: forward and backward of exact attention over a ring of ranks.
 
 Each rank holds its queries and one K/V block. At every step it posts the exchange of the K/V
-block in hand (H_kv heads only, K and V packed in one buffer), runs the kernel on that block, merges
-the result into the fp32 accumulator (inside the kernel's epilogue when the backend can, as the
-Triton one does), and only then waits for the next block: the transfer overlaps the kernel. The
-backward sends K/V round again together with the block's fp32 dK/dV accumulator; after W steps
-every accumulator is back at its owner.
+block in hand (H_kv heads only; K and V travel as they are, without a stacked copy), runs the
+kernel on that block, merges the result into the fp32 accumulator (inside the kernel's epilogue
+when the backend can, as the Triton one does), and only then waits for the next block: the
+transfer overlaps the kernel.
+
+The backward sends K/V round again, together with the block's fp32 dK/dV accumulator; after W
+steps every accumulator is back at its owner. At each step the accumulator that arrived is needed
+first: the step's dK/dV go into it (inside the kernel when the backend can; ``bwd_accumulates``)
+and it is sent on at once; the step's dQ work follows and hides that transfer. The last step
+thereby returns each accumulator to its owner before its own dQ work. dQ accumulates in an fp32
+buffer that never travels.
+
+Memory per local token beyond q, k, v, dO, out and the gradients (H query and H_kv K/V heads of
+dim D, element size s): the fp32 dQ accumulator (4·H·D bytes); the arriving K/V block and, from
+W = 3 on, the one in hand besides the local one (4·H_kv·D·s each); two fp32 dK/dV accumulators,
+one leaving and one arriving (8·H_kv·D each); for a backend that returns its gradients also one
+block's dQ, dK, dV. Each is freed after its last use. At H = 32, H_kv = 8, D = 128 in bf16 one
+fwd+bwd peaks at 64 KiB per local token at W = 2 and 68 KiB from W = 3 on with in-kernel
+accumulation, 74-78 KiB without (inputs and gradients included; tests/test_ring_distributed.py).
 """
 
 from __future__ import annotations
@@ -24,18 +38,17 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _attend_into(backend: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor, *, softmax_scale: float, causal: bool, accumulate: bool) -> None:
-    """Write one block's attention into the running (out, lse), or with ``accumulate`` merge it in."""
-    if backend.fwd_accumulates:  # the kernel merges in its epilogue: no extra pass over out
-        backend.fwd(q, k, v, softmax_scale=softmax_scale, causal=causal, out=out, lse=lse, accumulate=accumulate)
-        return
-    out_b, lse_b = backend.fwd(q, k, v, softmax_scale=softmax_scale, causal=causal)
+def _other_rows(rows: slice, seq: int) -> list[slice]:
+    """The row ranges of 0..seq outside ``rows`` (a slice with step 1)."""
+    start, stop, _ = rows.indices(seq)
+    return [r for r in (slice(0, start), slice(stop, seq)) if r.stop > r.start]
+
+
+def _write(dst: torch.Tensor, src: torch.Tensor, accumulate: bool) -> None:
     if accumulate:
-        merge_block_(out, lse, out_b, lse_b)
+        dst.add_(src)
     else:
-        out.copy_(out_b)
-        lse.copy_(lse_b)
+        dst.copy_(src)
 
 
 def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring, *, backend: Backend,
@@ -47,18 +60,35 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring, 
     batch, seq, heads, _ = q.shape
     out = torch.empty(q.shape, dtype=acc, device=q.device)
     lse = torch.empty(batch, heads, seq, dtype=acc, device=q.device)
-    kv = torch.stack((k, v))
+    final = None  # the output in q's dtype, when the last merge writes it directly
+    kv = [k.contiguous(), v.contiguous()]
     for step in range(ring.world_size):
-        pending = ring.send_recv([kv]) if step < ring.world_size - 1 else None
+        last = step == ring.world_size - 1
+        pending = None if last else ring.send_recv(kv)
         task = block_task(ring.rank, source_rank(ring.rank, step, ring.world_size), seq,
                           layout=layout, causal=causal)
         if task is not None:  # step 0 is the local block, which covers every query row
-            _attend_into(backend, q[:, task.q_rows], kv[0][:, task.kv_rows], kv[1][:, task.kv_rows],
-                         out[:, task.q_rows], lse[:, :, task.q_rows], softmax_scale=softmax_scale,
-                         causal=task.causal, accumulate=step > 0)
+            rows = task.q_rows
+            block = (q[:, rows], kv[0][:, task.kv_rows], kv[1][:, task.kv_rows])
+            opts = dict(softmax_scale=softmax_scale, causal=task.causal)
+            if backend.fwd_accumulates:  # the kernel merges in its epilogue: no extra pass over out
+                backend.fwd(*block, **opts, out=out[:, rows], lse=lse[:, :, rows], accumulate=step > 0)
+            else:
+                out_b, lse_b = backend.fwd(*block, **opts)
+                if step == 0:
+                    out.copy_(out_b)
+                    lse.copy_(lse_b)
+                elif not last:
+                    merge_block_(out[:, rows], lse[:, :, rows], out_b, lse_b)
+                else:  # merge straight into the result
+                    final = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+                    for other in _other_rows(rows, seq):
+                        final[:, other].copy_(out[:, other])
+                    merge_block_(out[:, rows], lse[:, :, rows], out_b, lse_b, into=final[:, rows])
         if pending is not None:
-            (kv,) = pending.wait()
-    return out.to(q.dtype), lse
+            kv = pending.wait()
+            del pending  # let the block just sent go
+    return (out.to(q.dtype) if final is None else final), lse
 
 
 def ring_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -69,28 +99,48 @@ def ring_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         return backend.bwd(do, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal)
     acc = accumulation_dtype(q.dtype)
     seq = q.shape[1]
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    kv = torch.stack((k, v))
+    # step 0 (the local block) covers every row, so it writes these instead of adding
+    dq = torch.empty(q.shape, dtype=acc, device=q.device)
+    kv = [k.contiguous(), v.contiguous()]
     pending_dkv = None
     for step in range(ring.world_size):
-        pending_kv = ring.send_recv([kv], channel=0) if step < ring.world_size - 1 else None
+        last = step == ring.world_size - 1
+        pending_kv = None if last else ring.send_recv(kv, channel=0)
         task = block_task(ring.rank, source_rank(ring.rank, step, ring.world_size), seq,
                           layout=layout, causal=causal)
+        accumulate = step > 0
         if task is not None:
-            rows = task.q_rows
-            dq_b, dk_b, dv_b = backend.bwd(do[:, rows], q[:, rows], kv[0][:, task.kv_rows],
-                                           kv[1][:, task.kv_rows], out[:, rows], lse[:, :, rows],
-                                           softmax_scale=softmax_scale, causal=task.causal)
-            dq[:, rows] += dq_b
+            rows, kv_rows = task.q_rows, task.kv_rows
+            block = (do[:, rows], q[:, rows], kv[0][:, kv_rows], kv[1][:, kv_rows], out[:, rows], lse[:, :, rows])
+            opts = dict(softmax_scale=softmax_scale, causal=task.causal)
+            if not backend.bwd_accumulates:  # needs no accumulator: runs while it arrives
+                dq_b, dk_b, dv_b = backend.bwd(*block, **opts)
         if pending_dkv is None:
-            dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
+            dkv = torch.empty((2, *k.shape), dtype=acc, device=q.device)
         else:
-            (dkv,) = pending_dkv.wait()
+            (dkv,) = pending_dkv.wait()  # needed now: this step's dK/dV go into it
+            pending_dkv = None  # let the accumulator sent last step go
         if task is not None:
-            dkv[0][:, task.kv_rows] += dk_b
-            dkv[1][:, task.kv_rows] += dv_b
-        pending_dkv = ring.send_recv([dkv], channel=1)
+            if backend.bwd_accumulates:
+                backend.bwd(*block, **opts, dk=dkv[0][:, kv_rows], dv=dkv[1][:, kv_rows], accumulate=accumulate)
+            else:
+                _write(dkv[0][:, kv_rows], dk_b, accumulate)
+                _write(dkv[1][:, kv_rows], dv_b, accumulate)
+                del dk_b, dv_b
+        pending_dkv = ring.send_recv([dkv], channel=1)  # on to the next rank; after the last step, home
+        del dkv
+        if task is not None:  # the dQ work hides the dK/dV transfer
+            if backend.bwd_accumulates:
+                backend.bwd(*block, **opts, dq=dq[:, rows], accumulate=accumulate)
+            else:
+                _write(dq[:, rows], dq_b, accumulate)
+                del dq_b
+            del block
         if pending_kv is not None:
-            (kv,) = pending_kv.wait()
+            kv = pending_kv.wait()
+            del pending_kv  # let the block just sent go
+    del kv
     (dkv,) = pending_dkv.wait()
-    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+    dk, dv = dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+    del dkv, pending_dkv
+    return dq.to(q.dtype), dk, dv

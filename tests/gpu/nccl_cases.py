@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 
 from fa3dist import fa3_attention, ring_fa3_attention, shard_sequence
+from fa3dist.kernels.fa3 import unavailable_reason
 from fa3dist.kernels.numerics import relative_error
 from fa3dist.kernels.reference import reference_bwd, reference_fwd
 
 
-CASES = [(backend, layout, causal) for backend in ("cudnn", "flash2", "triton")
+BACKENDS = ("cudnn", "flash2", "triton") + (("fa3",) if torch.cuda.is_available() and unavailable_reason() is None else ())
+CASES = [(backend, layout, causal) for backend in BACKENDS
          for layout, causal in (("zigzag", True), ("contiguous", True), ("zigzag", False))]
 
 

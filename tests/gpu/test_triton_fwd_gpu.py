@@ -14,16 +14,16 @@ import torch
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
-from fa3dist.kernels import triton_fwd
 from fa3dist.kernels.tma import tma_addressable
 from fa3dist.kernels.autotune import relative_error
+from fa3dist.kernels.common import INTERPRET
 from fa3dist.kernels.reference import reference_fwd
 from fa3dist.kernels.sdpa import cudnn_fwd
 from fa3dist.kernels.triton_fwd import _launch, candidate_configs, flash_fwd
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available() or triton_fwd._INTERPRET,
+    pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
                        reason="needs CUDA and the compiled (not interpreted) kernel"),
 ]
 

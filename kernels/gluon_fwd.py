@@ -1,0 +1,426 @@
+"""FlashAttention-3 forward for Hopper in Gluon (``triton.experimental.gluon``), returning the LSE.
+
+The FA3 algorithm written out, with the parts plain ``tl`` hides made explicit:
+
+- Warp specialization, three partitions per CTA (``gl.warp_specialize``):
+  - a loader (1 warp, 24 registers) that TMA-loads the Q tile once per tile and streams K and V
+    blocks through two ``STAGES``-deep shared-memory rings, guarded by mbarriers: ``k_ready``/
+    ``v_ready`` (the TMA transaction count completes them) and ``k_empty``/``v_empty`` (both
+    consumers release a slot: K as soon as S = Q K^T is done, V after P V). It loads K of block n
+    before V of block n - 1, the order the consumers need them in;
+  - two consumer warpgroups (4 warps each, 240 registers), each owning 64 of the tile's 128 query
+    rows and sharing every K/V stage. Registers move from the loader to the consumers through the
+    partitions' register budgets (``worker_num_regs``; the default partition gets what ``maxnreg``
+    leaves).
+- Async ``warpgroup_mma`` with intra-warpgroup overlap: a consumer issues S_j = Q K_j^T and then
+  O += P_{j-1} V_{j-1} without waiting, waits only for S_j, and runs the softmax of block j while
+  the tensor cores finish P_{j-1} V_{j-1}; the rescale of O follows that product's completion.
+  P goes to the second product from registers (the wgmma A operand), never through shared memory.
+- Ping-pong (``PINGPONG``): two mbarriers hand the tensor cores from one consumer to the other, so
+  one warpgroup's GEMMs run while the other does its softmax.
+- A persistent grid: one CTA per SM walks the tiles; the loader fetches the next tile's Q while the
+  consumers finish the last one. Causal tiles go heaviest first (all heads' last query blocks first).
+- exp2 with log2(e) folded into the scale; masks only on the key blocks that need them (the
+  diagonal band, or the last partial block).
+- Epilogue: O / l and the natural-log LSE, stored with plain pointer stores (any strides: the ring
+  hands row-slice views of its fp32 accumulator). With ``ACCUMULATE`` the epilogue first merges
+  with the (out, lse) it finds there, exactly as the ``tl`` kernel does, so the ring's merge costs
+  no pass over memory. Rows that saw no key stay 0 / -inf, never NaN.
+
+Shapes: D in {64, 128, 256}, fp16/bf16, sm_90. Everything else uses the ``tl`` kernel
+(``triton_fwd``). Gluon does not run in Triton's interpreter; the GPU tests in tests/gpu check it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .common import LOG2E, TL_LN2, TL_LOG2E, num_sms
+from .tma import bhsd_view
+
+GLUON_HEAD_DIMS = (64, 128, 256)
+GLUON_DTYPES = (torch.float16, torch.bfloat16)
+BLOCK_M = 128  # query rows per tile: 64 per consumer warpgroup
+CONSUMER_ROWS = 64
+# Register budgets: the loader warp and the second consumer take these; the default partition (the
+# first consumer) gets what ``MAXNREG`` over 12 warps leaves (168 * 384 - (240 + 24) * 128 = 240 * 128).
+MAXNREG = 168
+CONSUMER_REGS = gl.constexpr(240)
+LOADER_REGS = gl.constexpr(24)
+
+
+# ---------------------------------------------------------------- tile schedule (shared by all partitions)
+
+@gluon.jit
+def _tile_coords(tile, num_m_blocks, batch_heads, heads, group, CAUSAL: gl.constexpr):
+    """(batch, head, kv_head, m_block) of a tile. Causal: the heaviest query blocks of every head first."""
+    if CAUSAL:
+        m_block = num_m_blocks - 1 - tile // batch_heads
+        bh = tile % batch_heads
+    else:
+        bh = tile // num_m_blocks
+        m_block = tile % num_m_blocks
+    batch = bh // heads
+    head = bh % heads
+    return batch, head, head // group, m_block
+
+
+@gluon.jit
+def _key_blocks(m_block, seq_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """(first masked key block, end) for a tile: blocks below the first need no mask."""
+    if CAUSAL:
+        first_masked = (m_block * BLOCK_M) // BLOCK_N
+        end = gl.cdiv(gl.minimum((m_block + 1) * BLOCK_M, seq_k), BLOCK_N)
+    else:
+        first_masked = seq_k // BLOCK_N
+        end = gl.cdiv(seq_k, BLOCK_N)
+    return first_masked, end
+
+
+@gluon.jit
+def _tile(buf):
+    """The 2-D [rows, D] view of a [1, 1, rows, D] TMA buffer (the 4-D (B, H, S, D) descriptors' box)."""
+    return buf.reshape([buf.shape[2], buf.shape[3]])
+
+
+# ---------------------------------------------------------------- loader partition
+
+@gluon.jit
+def _load_block(desc, smem, ready, empty, batch, kv_head, n, it):
+    """TMA-load K or V block n into stage it % STAGES once both consumers have released it."""
+    STAGES: gl.constexpr = smem.shape[0]
+    BLOCK_N: gl.constexpr = smem.shape[3]
+    stage = it % STAGES
+    mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
+    mbarrier.expect(ready.index(stage), desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(desc, [batch, kv_head, n * BLOCK_N, 0], ready.index(stage), smem.index(stage))
+
+
+@gluon.jit
+def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_k, heads, group, num_m_blocks, num_tiles,
+            CAUSAL: gl.constexpr):
+    """The TMA producer: each tile's Q, then its K and V blocks through the stage ring."""
+    BLOCK_M: gl.constexpr = q_smem.shape[2]
+    BLOCK_N: gl.constexpr = k_smem.shape[3]
+    STAGES: gl.constexpr = k_smem.shape[0]
+    q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn = bars
+    batch_heads = num_tiles // num_m_blocks
+    it = 0
+    t = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        batch, head, kv_head, m_block = _tile_coords(tile, num_m_blocks, batch_heads, heads, group, CAUSAL)
+        mbarrier.wait(q_empty, (t & 1) ^ 1)  # both consumers are done with the last tile's Q
+        mbarrier.expect(q_ready, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [batch, head, m_block * BLOCK_M, 0], q_ready, q_smem)
+        _, end = _key_blocks(m_block, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
+        for n in range(0, end):  # K of block n, then V of block n - 1: V is needed one step after K
+            _load_block(k_desc, k_smem, k_ready, k_empty, batch, kv_head, n, it)
+            if n > 0:
+                _load_block(v_desc, v_smem, v_ready, v_empty, batch, kv_head, n - 1, it - 1)
+            it += 1
+        _load_block(v_desc, v_smem, v_ready, v_empty, batch, kv_head, end - 1, it - 1)
+        t += 1
+
+
+# ---------------------------------------------------------------- consumer partitions
+
+@gluon.jit
+def _softmax_block(s, m_i, l_i, rows, n, seq_k, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+                   CAUSAL: gl.constexpr, MASKED: gl.constexpr):
+    """Online softmax of one S block (base 2): returns (p, alpha, m_new, l_new)."""
+    if MASKED:
+        cols = n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        keep = gl.expand_dims(cols, 0) < seq_k
+        if CAUSAL:
+            keep = keep & (gl.expand_dims(rows, 1) >= gl.expand_dims(cols, 0))
+        s = gl.where(keep, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no NaN
+    else:
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        m_ref = m_new
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_ref, 1))
+    alpha = gl.exp2(m_i - m_ref)
+    l_new = l_i * alpha + gl.sum(p, 1)
+    return p, alpha, m_new, l_new
+
+
+@gluon.jit
+def _take_turn(turn, me: gl.constexpr, turns, PINGPONG: gl.constexpr):
+    """Ping-pong: wait until it is this warpgroup's turn on the tensor cores."""
+    if PINGPONG:
+        mbarrier.wait(turn.index(me), (turns & 1) ^ (1 - me))
+
+
+@gluon.jit
+def _pass_turn(turn, me: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - me), count=1)
+
+
+@gluon.jit
+def _p_operand(p, p_buf, p_layout: gl.constexpr, P_SMEM: gl.constexpr):
+    """P (fp16/bf16) as the A operand of P V: in registers (RS), or stored to this consumer's shared buffer (SS).
+
+    With RS, ptxas waits for the in-flight P V before the next softmax writes P's registers; with SS the
+    softmax never touches what the tensor cores read, and only the store waits for the product.
+    """
+    if P_SMEM:
+        p_buf.store(p)
+        fence_async_shared()
+        return p_buf
+    else:
+        return gl.convert_layout(p, p_layout)
+
+
+@gluon.jit
+def _kv_loop(acc, alpha, m_i, l_i, p, p_buf, q, k_smem, v_smem, bars, it, turns, n_lo, n_hi, rows, seq_k, qk_scale,
+             me: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+             STAGES: gl.constexpr, CAUSAL: gl.constexpr, MASKED: gl.constexpr, PINGPONG: gl.constexpr,
+             P_SMEM: gl.constexpr):
+    """Steady state over key blocks [n_lo, n_hi): S_n and P_{n-1} V_{n-1} in flight together.
+
+    On entry ``p`` holds P of block n_lo - 1 (already in ``l_i``/``m_i``), whose V is in stage
+    (it - 1) % STAGES and whose product with V is still to be issued; ``alpha`` is the rescale O
+    owes for that block's new row maximum. O is rescaled while S_n runs, before P V is issued,
+    and nothing touches O between the wait for P V and the next iteration (FA3's order).
+    """
+    q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn = bars
+    ROWS: gl.constexpr = q.shape[0]
+    for n in range(n_lo, n_hi):
+        stage = it % STAGES
+        prev = (it - 1) % STAGES
+        mbarrier.wait(k_ready.index(stage), (it // STAGES) & 1)
+        _take_turn(turn, me, turns, PINGPONG)
+        s_tok = warpgroup_mma(q, _tile(k_smem.index(stage)).permute((1, 0)),
+                              gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout)), 1)
+        mbarrier.wait(v_ready.index(prev), ((it - 1) // STAGES) & 1)
+        acc_tok = warpgroup_mma(p, _tile(v_smem.index(prev)), acc, is_async=True)
+        _pass_turn(turn, me, PINGPONG)
+        turns += 1
+        s = warpgroup_mma_wait(1, deps=(s_tok,))
+        mbarrier.arrive(k_empty.index(stage), count=1)
+        p_new, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, rows, n, seq_k, qk_scale, s_layout, BLOCK_N, CAUSAL,
+                                                MASKED)
+        acc = warpgroup_mma_wait(0, deps=(acc_tok,))
+        mbarrier.arrive(v_empty.index(prev), count=1)
+        p = _p_operand(p_new.to(q.dtype), p_buf, p_layout, P_SMEM)
+        it += 1
+    return acc, alpha, m_i, l_i, p, it, turns
+
+
+@gluon.jit
+def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr, PINGPONG: gl.constexpr,
+              P_SMEM: gl.constexpr):
+    """Consumer warpgroup ``me``: the attention of its 64 rows of every tile, and their epilogue."""
+    (q_smem, k_smem, v_smem, p_smem, bars, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale, seq_q, seq_k, heads,
+     group, num_m_blocks, num_tiles) = args
+    BLOCK_M: gl.constexpr = q_smem.shape[2]
+    HEAD_DIM: gl.constexpr = q_smem.shape[3]
+    BLOCK_N: gl.constexpr = k_smem.shape[3]
+    STAGES: gl.constexpr = k_smem.shape[0]
+    ROWS: gl.constexpr = BLOCK_M // 2
+    q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn = bars
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    batch_heads = num_tiles // num_m_blocks
+    q = _tile(q_smem).slice(me * ROWS, ROWS)
+    if P_SMEM:
+        p_buf = p_smem.index(me)
+    else:
+        p_buf = p_smem
+    it = 0
+    turns = 0
+    t = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        batch, head, kv_head, m_block = _tile_coords(tile, num_m_blocks, batch_heads, heads, group, CAUSAL)
+        first_masked, end = _key_blocks(m_block, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
+        rows = m_block * BLOCK_M + me * ROWS + gl.arange(0, ROWS, layout=row_layout)
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
+        l_i = gl.full([ROWS], 0.0, gl.float32, row_layout)
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+        mbarrier.wait(q_ready, t & 1)
+        # Block 0 alone: its S has no P V to overlap with.
+        stage = it % STAGES
+        mbarrier.wait(k_ready.index(stage), (it // STAGES) & 1)
+        _take_turn(turn, me, turns, PINGPONG)
+        s_tok = warpgroup_mma(q, _tile(k_smem.index(stage)).permute((1, 0)),
+                              gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+        _pass_turn(turn, me, PINGPONG)
+        turns += 1
+        s = warpgroup_mma_wait(0, deps=(s_tok,))
+        mbarrier.arrive(k_empty.index(stage), count=1)
+        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, rows, 0, seq_k, qk_scale, s_layout, BLOCK_N, CAUSAL, True)
+        p = _p_operand(p.to(q.dtype), p_buf, p_layout, P_SMEM)
+        it += 1
+        full_end = gl.maximum(gl.minimum(first_masked, end), 1)
+        acc, alpha, m_i, l_i, p, it, turns = _kv_loop(
+            acc, alpha, m_i, l_i, p, p_buf, q, k_smem, v_smem, bars, it, turns, 1, full_end, rows, seq_k, qk_scale,
+            me, s_layout, p_layout, BLOCK_N, STAGES, CAUSAL, False, PINGPONG, P_SMEM)
+        acc, alpha, m_i, l_i, p, it, turns = _kv_loop(
+            acc, alpha, m_i, l_i, p, p_buf, q, k_smem, v_smem, bars, it, turns, full_end, end, rows, seq_k, qk_scale,
+            me, s_layout, p_layout, BLOCK_N, STAGES, CAUSAL, True, PINGPONG, P_SMEM)
+        mbarrier.arrive(q_empty, count=1)  # every S of this tile is done: the loader may fetch the next Q
+        prev = (it - 1) % STAGES
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout)), 1)
+        mbarrier.wait(v_ready.index(prev), ((it - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p, _tile(v_smem.index(prev)), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(v_empty.index(prev), count=1)
+        _epilogue(acc, m_i, l_i, rows, batch, head, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, seq_q,
+                  o_layout, HEAD_DIM, ACCUMULATE)
+        t += 1
+
+
+@gluon.jit
+def _epilogue(acc, m_i, l_i, rows, batch, head, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, seq_q,
+              o_layout: gl.constexpr, HEAD_DIM: gl.constexpr, ACCUMULATE: gl.constexpr):
+    """out = acc / l and lse (natural log), merged into what ``out``/``lse`` hold when ACCUMULATE."""
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    has_keys = l_i > 0.0
+    lse2 = gl.where(has_keys, m_i + gl.log2(l_i), float("-inf"))
+    inv = gl.convert_layout(1.0 / gl.where(has_keys, l_i, 1.0), o_rows)
+    out = acc * gl.expand_dims(inv, 1)
+    rows_o = gl.convert_layout(rows, o_rows)
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    base = o_ptr + batch.to(gl.int64) * s_ob + head.to(gl.int64) * s_oh
+    o_ptrs = base + gl.expand_dims(rows_o.to(gl.int64) * s_os, 1) + gl.expand_dims(cols, 0)
+    o_mask = gl.expand_dims(rows_o < seq_q, 1) & gl.expand_dims(cols < HEAD_DIM, 0)
+    lse_ptrs = lse_ptr + batch.to(gl.int64) * s_lb + head.to(gl.int64) * s_lh + rows
+    row_mask = rows < seq_q
+    if ACCUMULATE:  # merge with the running (out, lse): weights exp(lse_x - lse_merged)
+        prev2 = gl.load(lse_ptrs, mask=row_mask, other=float("-inf")) * TL_LOG2E
+        top = gl.maximum(prev2, lse2)
+        top = gl.where(top == float("-inf"), 0.0, top)  # both empty: weights 0, no NaN
+        w_prev = gl.exp2(prev2 - top)
+        w_blk = gl.exp2(lse2 - top)
+        total = w_prev + w_blk
+        inv_total = 1.0 / gl.where(total > 0.0, total, 1.0)
+        out_prev = gl.load(o_ptrs, mask=o_mask, other=0.0).to(gl.float32)
+        out = (out_prev * gl.expand_dims(gl.convert_layout(w_prev * inv_total, o_rows), 1)
+               + out * gl.expand_dims(gl.convert_layout(w_blk * inv_total, o_rows), 1))
+        lse2 = gl.where(total > 0.0, top + gl.log2(total), float("-inf"))
+    gl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=o_mask)
+    gl.store(lse_ptrs, lse2 * TL_LN2, mask=row_mask)
+
+
+# ---------------------------------------------------------------- kernel
+
+@gluon.jit
+def _gluon_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale, seq_q, seq_k, heads,
+                group, num_m_blocks, num_tiles, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                STAGES: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr, PINGPONG: gl.constexpr,
+                P_SMEM: gl.constexpr):
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    if P_SMEM:  # one P buffer per consumer warpgroup
+        p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, BLOCK_N],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, BLOCK_N], dtype))
+    else:
+        p_smem = q_smem  # unused
+    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_ready, count=1)
+    mbarrier.init(q_empty, count=2)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+    bars = (q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn)
+    consumer_args = (q_smem, k_smem, v_smem, p_smem, bars, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale, seq_q, seq_k,
+                     heads, group, num_m_blocks, num_tiles)
+    gl.warp_specialize([
+        (_consumer, (consumer_args, 0, CAUSAL, ACCUMULATE, PINGPONG, P_SMEM)),
+        (_consumer, (consumer_args, 1, CAUSAL, ACCUMULATE, PINGPONG, P_SMEM)),
+        (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_k, heads, group, num_m_blocks, num_tiles,
+                   CAUSAL)),
+    ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+
+
+# ---------------------------------------------------------------- host side
+
+@dataclass(frozen=True)
+class GluonConfig:
+    """A launch configuration of the Gluon forward: key block rows, pipeline depth, ping-pong, P in shared memory."""
+
+    block_n: int
+    stages: int
+    pingpong: bool
+    p_smem: bool = False
+
+
+# Candidates per head dim, the first the default. FA3's own sm90 tiles are 128 x 128 at D = 64 and
+# 128 (176 non-causal at 128) and 128 x 80 at D = 256; TMA boxes here must be powers of two.
+GLUON_CONFIGS: dict[int, list[GluonConfig]] = {
+    64: [GluonConfig(128, 3, True), GluonConfig(128, 2, True, True), GluonConfig(128, 3, True, True),
+         GluonConfig(128, 4, True), GluonConfig(128, 3, False)],
+    128: [GluonConfig(128, 3, True), GluonConfig(128, 2, True, True), GluonConfig(64, 4, True, True),
+          GluonConfig(128, 3, False), GluonConfig(64, 4, True)],
+    256: [GluonConfig(64, 2, True), GluonConfig(64, 2, True, True), GluonConfig(32, 3, True, True),
+          GluonConfig(64, 2, False)],
+}
+
+
+def gluon_supported(q: torch.Tensor, out: torch.Tensor | None) -> str | None:
+    """Why the Gluon forward cannot take this call (None when it can)."""
+    if not q.is_cuda:
+        return "not a CUDA tensor"
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return "not an sm_90 GPU"
+    if q.dtype not in GLUON_DTYPES:
+        return f"dtype {q.dtype}"
+    if q.shape[-1] not in GLUON_HEAD_DIMS:
+        return f"head_dim {q.shape[-1]}"
+    if out is not None and out.stride(-1) != 1:
+        return "out without unit last stride"
+    return None
+
+
+def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
+    view, shape, strides = bhsd_view(t)
+    block = [1, 1, rows, t.shape[-1]]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float16 if t.dtype == torch.float16 else gl.bfloat16)
+    return TensorDescriptor(view, shape, strides, block, layout)
+
+
+def gluon_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
+                 cfg: GluonConfig, out: torch.Tensor, lse: torch.Tensor, accumulate: bool, *,
+                 num_programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the Gluon forward on checked, TMA-ready inputs into ``out``/``lse`` (merging with ``accumulate``)."""
+    batch, seq_q, heads, head_dim = q.shape
+    seq_k, kv_heads = k.shape[1], k.shape[2]
+    num_m_blocks = triton.cdiv(seq_q, BLOCK_M)
+    num_tiles = batch * heads * num_m_blocks
+    if num_tiles == 0:
+        return out, lse
+    programs = min(num_tiles, num_programs or num_sms(q.device))
+    _gluon_fwd_kernel[(programs,)](
+        _descriptor(q, BLOCK_M), _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n), out, lse,
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), softmax_scale * LOG2E,
+        seq_q, seq_k, heads, heads // kv_heads, num_m_blocks, num_tiles,
+        HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal,
+        ACCUMULATE=accumulate, PINGPONG=cfg.pingpong, P_SMEM=cfg.p_smem, num_warps=4, maxnreg=MAXNREG)
+    return out, lse

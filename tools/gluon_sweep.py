@@ -1,0 +1,109 @@
+"""Check and time every Gluon forward config against cuDNN, our tuned ``tl`` kernel and FA3 (when installed).
+
+One device call: ``python tools/gluon_sweep.py --out $OUT/gluon_sweep.json``. Each cell draws fresh
+inputs; a config is timed only after its output matched float64 within 1.5x cuDNN's error. Figures are
+TFLOP/s as the FlashAttention papers count them (forward 4*B*H*S^2*D, halved when causal), medians of
+``triton.testing.do_bench``, all implementations in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+import torch
+
+from fa3dist.bench.common import attention_flops, run_meta, time_ms
+from fa3dist.kernels import gluon_fwd, triton_fwd
+from fa3dist.kernels.fa3 import unavailable_reason
+from fa3dist.kernels.numerics import relative_error
+from fa3dist.kernels.reference import reference_fwd
+from fa3dist.kernels.sdpa import cudnn_fwd
+
+CELLS = [  # (B, S, H, H_kv, D, causal)
+    *((16384 // s, s, 2048 // d, 2048 // d, d, c) for d in (128, 64, 256) for s in (16384, 1024) for c in (False, True)),
+    (1, 32768, 32, 8, 128, True), (1, 131072, 32, 8, 128, True),
+]
+
+
+def _time(fn, args) -> float:
+    return time_ms(fn, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+
+
+def sweep(args) -> list[dict]:
+    rows = []
+    fa3 = None
+    if unavailable_reason() is None:
+        from fa3dist.kernels.fa3 import fa3_fwd as fa3
+    for batch, seq, heads, kv_heads, dim, causal in CELLS:
+        if args.head_dims and dim not in args.head_dims:
+            continue
+        gen = torch.Generator(device="cuda").manual_seed(seq + dim + causal)
+        q = torch.randn(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k, v = (torch.randn(batch, seq, kv_heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+                for _ in range(2))
+        scale = 1 / math.sqrt(dim)
+        flops = attention_flops(batch, heads, seq, dim, causal, "fwd")
+        base = {"B": batch, "S": seq, "H": heads, "Hkv": kv_heads, "D": dim, "causal": causal}
+        cudnn_out = cudnn_fwd(q, k, v, softmax_scale=scale, causal=causal)[0]
+        if batch * heads * seq * seq <= 2 ** 31:  # float64 scores up to 16 GB: check against float64
+            ref = reference_fwd(q.double(), k.double(), v.double(), softmax_scale=scale, causal=causal)[0]
+            bound = 1.5 * relative_error(cudnn_out, ref) + 1e-4
+        else:  # too big for the float64 reference: agree with cuDNN as closely as two bf16 kernels do
+            ref, bound = cudnn_out, 1e-2
+        impls = {"cudnn": lambda: cudnn_fwd(q, k, v, softmax_scale=scale, causal=causal)}
+        os.environ["FA3DIST_KERNEL"] = "tl"
+        triton_fwd.flash_fwd(q, k, v, softmax_scale=scale, causal=causal)  # tune the tl path
+        impls["tl"] = lambda: triton_fwd.flash_fwd(q, k, v, softmax_scale=scale, causal=causal)
+        if fa3 is not None:
+            impls["fa3"] = lambda: fa3(q, k, v, softmax_scale=scale, causal=causal)
+        for cfg in gluon_fwd.GLUON_CONFIGS[dim]:
+            out = torch.full_like(q, float("nan"))
+            lse = torch.empty(batch, heads, seq, device="cuda")
+            impls[f"gluon {cfg.block_n}/{cfg.stages}/{'pp' if cfg.pingpong else 'no-pp'}{'/ss' if cfg.p_smem else ''}"] = (
+                lambda cfg=cfg, out=out, lse=lse: gluon_fwd.gluon_launch(q, k, v, scale, causal, cfg, out, lse, False))
+        for name, fn in impls.items():
+            row = {**base, "impl": name}
+            try:
+                got = fn()[0]
+                torch.cuda.synchronize()
+                row.update(rel_err=relative_error(got, ref), bound=bound, against="float64" if ref is not cudnn_out else "cudnn")
+                if not row["rel_err"] <= bound:
+                    raise AssertionError(f"disagrees with {row['against']}")
+                ms = _time(fn, args)
+                row.update(ms=ms, tflops=flops / ms / 1e9)
+            except Exception as err:  # report and go on
+                row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            rows.append(row)
+            print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()}, flush=True)
+        del q, k, v, ref, cudnn_out
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--head-dims", type=int, nargs="*")
+    parser.add_argument("--warmup-ms", type=float, default=25)
+    parser.add_argument("--rep-ms", type=float, default=100)
+    args = parser.parse_args()
+    rows = sweep(args)
+    with open(args.out, "w") as f:
+        json.dump({"meta": run_meta(1), "rows": rows}, f, indent=1)
+    cells = sorted({(r["D"], r["S"], r["B"], r["H"], r["Hkv"], r["causal"]) for r in rows})
+    for cell in cells:
+        found = {r["impl"]: r.get("tflops") for r in rows if (r["D"], r["S"], r["B"], r["H"], r["Hkv"], r["causal"]) == cell}
+        best = max((t, n) for n, t in found.items() if n.startswith("gluon") and t) if any(
+            n.startswith("gluon") and t for n, t in found.items()) else (None, None)
+        line = " ".join(f"{n}={t:.0f}" if t else f"{n}=ERR" for n, t in found.items())
+        ratio = f" best gluon/cudnn={best[0] / found['cudnn']:.3f}" if best[0] and found.get("cudnn") else ""
+        if best[0] and found.get("fa3"):
+            ratio += f" /fa3={best[0] / found['fa3']:.3f}"
+        print(f"D={cell[0]} S={cell[1]} B={cell[2]} H={cell[3]}/{cell[4]} causal={cell[5]}: {line}{ratio}")
+
+
+if __name__ == "__main__":
+    main()
