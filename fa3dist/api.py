@@ -11,7 +11,7 @@ import torch.distributed as dist
 from .kernels import Backend, get_backend
 from .kernels.checks import check_qkv, resolve_scale
 from .layout import check_layout
-from .ops import LOCAL, attention_op, group_name
+from .ops import LOCAL, attention_op, group_name, resolve_ring
 from .ring import Ring, ring_backward, ring_forward
 from .ring.agree import CallSignature, check_ranks_agree
 
@@ -44,6 +44,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring, *, 
     return _RingAttention.apply(q, k, v, ring, backend, softmax_scale, causal, layout)
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float | None,
+            layout: str, backend: str, group: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) over the ring of the group named ``group`` (``LOCAL``: one device).
+
+    While ``torch.compile`` traces, through the custom op, which keeps attention in the graph.
+    In eager mode the same checks and ring functions run through a plain autograd Function: the
+    op's dispatch costs about 0.1 ms per call on a CPU, enough to starve the GPU between short
+    kernels (S = 1K).
+    """
+    if torch.compiler.is_compiling():
+        return attention_op(q, k, v, causal, softmax_scale, layout, backend, group)
+    ring, scale, kernels = resolve_ring(group, q, k, v, causal, softmax_scale, layout, backend, check=True)
+    return attention(q, k, v, ring, causal=causal, softmax_scale=scale, layout=layout, backend=kernels)
+
+
 def _check_options(causal: bool, return_lse: bool, layout: str) -> None:
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
@@ -64,7 +79,7 @@ def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     check_qkv(q, k, v, causal=causal)
     scale = resolve_scale(softmax_scale, q.shape[-1])
     get_backend(backend, q.device, q.dtype)  # an unknown or unusable backend fails here, by name
-    out, lse = attention_op(q, k, v, causal, scale, "zigzag", backend, LOCAL)
+    out, lse = _attend(q, k, v, causal, scale, "zigzag", backend, LOCAL)
     return (out, lse) if return_lse else out
 
 
@@ -139,5 +154,5 @@ def ring_fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
     if name == LOCAL:  # one rank: the checks raise here
         softmax_scale, _ = check_ring_call(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group,
                                            layout=layout, backend=backend)
-    out, lse = attention_op(q, k, v, causal, softmax_scale, layout, backend, name)
+    out, lse = _attend(q, k, v, causal, softmax_scale, layout, backend, name)
     return (out, lse) if return_lse else out
