@@ -141,6 +141,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import PlanConfig, machine_summary, prediction_rows, predictions_markdown, write_projection
+
+    cfg = load_config(PlanConfig, args.config, args.set)
+    if args.project:
+        paths = write_projection(cfg, args.out or cfg.results_dir, args.plot)
+        print("\n".join(["wrote:", *paths]))
+        print(Path(next(p for p in paths if p.endswith(".md"))).read_text())
+        return 0
+    try:
+        machine = cfg.machine()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    rows = prediction_rows(cfg.problem(), cfg.world_size, machine)
+    print(f"fa3dist plan: S={cfg.seq_len} on {cfg.world_size} GPUs, B={cfg.batch}, H={cfg.heads}, H_kv={cfg.kv_heads}, "
+          f"D={cfg.head_dim}, {cfg.dtype}, causal={cfg.causal}, {'fwd+bwd' if cfg.backward else 'fwd'}, {cfg.layout}")
+    print(f"machine: {machine_summary(machine)}")
+    print(predictions_markdown(rows))
+    print(f"choice: {next(r['scheme'] for r in rows if r['chosen'])}")
+    return 0
+
+
 def _bench_parser(sub, name: str, help_: str, description: str, default_config: str) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_, description=description)
     parser.add_argument("--config", default=default_config, help=f"YAML settings (default {default_config})")
@@ -187,6 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--fail-mode", choices=["raise", "exit", "hang"], help="how it fails (default raise)")
     check.add_argument("--timeout-s", type=float, help="process-group timeout in seconds (default 60)")
     check.set_defaults(func=cmd_check)
+
+    plan = sub.add_parser(
+        "plan", help="predict flat ring, Ulysses and hierarchical times and pick one (a cost model)",
+        description="Predict one attention call's time under each context-parallel scheme (flat ring, Ulysses "
+                    "all-to-all, all-to-all inside nodes with the ring across) from kernel TFLOP/s (bench kernel "
+                    "results), link bandwidths and the problem shape, and print the predictions and the choice. "
+                    "--project writes the model's projection over the config's world sizes instead.")
+    plan.add_argument("--config", help="YAML settings, e.g. configs/plan_h100_cluster.yaml")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    plan.add_argument("--project", action="store_true",
+                      help="write the projection (JSON and Markdown, labelled as model output) under --out")
+    plan.add_argument("--out", help="folder for --project results (default: the config's results_dir)")
+    plan.add_argument("--plot", action="store_true", help="with --project, also write PNG charts")
+    plan.set_defaults(func=cmd_plan)
 
     bench = sub.add_parser("bench", help="benchmarks (kernel, ring, scaling)",
                            description="Benchmarks that write JSON and Markdown results (and PNG with --plot).")
