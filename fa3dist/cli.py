@@ -116,7 +116,7 @@ def cmd_scaling(args: argparse.Namespace) -> int:
 
     values = {"world_size": args.world_size, "device": args.device, "repeat": args.repeat, "results_dir": args.out,
               "plot": args.plot or None, "launcher": args.launcher, "command": command_line(),
-              "max_context": args.max_context or None}
+              "max_context": args.max_context or None, "scheme": args.scheme}
     cfg = load_config(ScalingConfig, args.config, args.set, **values)
     cfg = _resolve_world(dataclasses.replace(cfg, world_size=cfg.world_size or max(cfg.world_sizes)), cpu_default=2)
     cfg = dataclasses.replace(cfg, out=_run_dir(cfg.out, "scaling"))
@@ -244,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     scaling.add_argument("--max-context", action="store_true",
                          help="instead: measure one fwd+bwd's peak memory at the max_context_tokens_per_rank sizes, "
                               "predict the longest sequence that fits the GPUs, and confirm it with one timed run")
+    scaling.add_argument("--scheme", choices=["flat", "ulysses", "hierarchical", "auto"],
+                         help="how the ranks share the work: the flat ring (default), the Ulysses all-to-all, the "
+                              "all-to-all inside nodes of gpus_per_node with the ring across, or the cost model's "
+                              "choice; rows name it and carry the model's predicted time")
     scaling.set_defaults(func=cmd_scaling)
     _bench_parser(bench_sub, "ring", "the ring schedule's overhead on one GPU (virtual ranks)",
                   "Run the ring's exact per-step schedule for W virtual ranks on one GPU, without communication, "

@@ -276,9 +276,9 @@ def predict(problem: Problem, world_size: int, scheme: str, machine: Machine) ->
     a2a = _all_to_all_ms(problem, world_size, size, kv_heads, machine)
     ms = ring_ms + a2a + machine.call_overhead_us * 1e-3
     flops = problem.flops()
-    ideal_ms = sum(attention_flops(problem.batch, problem.heads, problem.seq_len, problem.head_dim, problem.causal,
-                                   p) / (machine.kernel.tflops(p, False, problem.head_dim, problem.seq_len) * 1e12) * 1e3
-                   for p in problem.passes)
+    ideal_ms = sum(  # one GPU with every FLOP at the kernel's unmasked rate at S
+        attention_flops(problem.batch, problem.heads, problem.seq_len, problem.head_dim, problem.causal, p)
+        / machine.kernel.tflops(p, False, problem.head_dim, problem.seq_len) / 1e9 for p in problem.passes)
     memory = bytes_per_token(problem, size, ring_size) if problem.backward else None
     return Prediction(
         scheme=scheme, world_size=world_size, head_group_size=size, ring_size=ring_size, ms=ms, compute_ms=compute,

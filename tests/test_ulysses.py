@@ -198,3 +198,17 @@ def test_memory_model_matches_the_measured_peak():
         for scheme, measured in results["peak KiB per token"].items():
             assert 0.97 * model[scheme] <= measured <= 1.01 * model[scheme], \
                 f"rank {rank} {scheme}: measured {measured} KiB per token, model {model[scheme]}"
+
+
+def test_schemes_in_one_process():
+    """Without a process group every scheme is the local kernel; a bad scheme is refused by name."""
+    from fa3dist import fa3_attention
+
+    q, k = torch.randn(1, 8, 4, 16, dtype=torch.float64), torch.randn(1, 8, 2, 16, dtype=torch.float64)
+    expected = fa3_attention(q, k, k, causal=True)
+    for scheme in ("flat", "ulysses", "auto"):
+        assert torch.equal(ring_fa3_attention(q, k, k, causal=True, scheme=scheme), expected)
+    with pytest.raises(ValueError, match="scheme must be one of flat, ulysses, hierarchical, auto or None"):
+        ring_fa3_attention(q, k, k, scheme="striped")
+    with pytest.raises(ValueError, match="scheme 'hierarchical' needs head_group"):
+        ring_fa3_attention(q, k, k, scheme="hierarchical")
