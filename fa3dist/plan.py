@@ -429,6 +429,7 @@ def project(cfg: PlanConfig) -> dict[str, list[dict[str, Any]]]:
 
 
 PROJECTION_LABEL = "PROJECTION FROM THE COST MODEL (fa3dist.plan), NOT A MEASUREMENT"
+_PLOT_LABEL = "PROJECTION FROM THE COST MODEL\n(fa3dist.plan), NOT A MEASUREMENT"
 
 
 def _tokens(n: float | None) -> str | None:
@@ -457,6 +458,7 @@ def machine_summary(machine: Machine) -> str:
             f"send/recv and {machine.intra_node_all_to_all_gbps:g} GB/s all-to-all inside a node, "
             f"{machine.inter_node_gbps:g} GB/s across nodes; {machine.latency_us:g} us per transfer, "
             f"{machine.step_overhead_us:g} us per ring step, {machine.call_overhead_us:g} us per call; "
+            f"{machine.overlap:g} of a ring transfer hidden by the kernels running with it; "
             f"{machine.memory_gib:g} GiB per GPU for one layer; kernel rates: {machine.kernel.source}")
 
 
@@ -513,11 +515,11 @@ def write_projection(cfg: PlanConfig, out_dir: str, plot: bool) -> list[str]:
 
         rows = [dict(r, tokens=f"{_tokens(r['tokens_per_gpu'])}/GPU") for r in result["rows"]]
         paths.append(plot_lines(rows, f"{out_dir}/{stem}-tflops.png", x="world_size", y="tflops_per_gpu",
-                                series=["scheme"], panels=["tokens"], title=f"{PROJECTION_LABEL}\nTFLOP/s per GPU",
+                                series=["scheme"], panels=["tokens"], title=f"{_PLOT_LABEL}\nTFLOP/s per GPU",
                                 xlabel="GPUs", ylabel="TFLOP/s per GPU (model)", logx=True))
         longest = [dict(r, memory=f"{cfg.memory_gib:g} GiB/GPU") for r in rows
                    if r["tokens_per_gpu"] == cfg.project_tokens_per_gpu[0]]
         paths.append(plot_lines(longest, f"{out_dir}/{stem}-context.png", x="world_size", y="max_context",
-                                series=["scheme"], panels=["memory"], title=f"{PROJECTION_LABEL}\nlongest context",
+                                series=["scheme"], panels=["memory"], title=f"{_PLOT_LABEL}\nlongest context",
                                 xlabel="GPUs", ylabel="tokens (model)", logx=True))
     return paths
