@@ -28,12 +28,9 @@ def _group_ranks(group: dist.ProcessGroup | None) -> list[int]:
     return dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
 
 
-def head_group_block(group: dist.ProcessGroup | None, head_group: dist.ProcessGroup) -> tuple[int, int]:
-    """(G, n): the size of ``head_group`` and which block of G consecutive ranks of ``group`` it is.
-
-    Raises ValueError unless ``head_group`` is G consecutive ranks of ``group``, in order, starting
-    at a multiple of G (G dividing the group's size), and holds this rank.
-    """
+def _head_group_size(group: dist.ProcessGroup | None, head_group: dist.ProcessGroup) -> int:
+    """The size G of ``head_group``; raises ValueError unless it holds this rank and is G consecutive
+    ranks of ``group``, in order, starting at a multiple of G (G dividing the group's size)."""
     if not isinstance(head_group, dist.ProcessGroup):
         raise TypeError(f"head_group must be a torch.distributed ProcessGroup, got {type(head_group).__name__}")
     world = _group_ranks(group)
@@ -52,18 +49,19 @@ def head_group_block(group: dist.ProcessGroup | None, head_group: dist.ProcessGr
     if start % size or positions != list(range(start, start + size)):
         raise ValueError(f"head_group must be {size} consecutive ranks of group starting at a multiple of {size}, "
                          f"in order (as make_cp_groups makes them); it holds group ranks {positions}")
-    return size, start // size
+    return size
 
 
 def check_head_group(heads: int, kv_heads: int, group: dist.ProcessGroup | None,
                      head_group: dist.ProcessGroup) -> int:
-    """Check that ``head_group`` fits ``group`` (``head_group_block``) and the head counts; return its size G.
+    """Check that ``head_group`` fits ``group`` (``_head_group_size``) and the head counts; return its
+    size G.
 
     The all-to-all splits the H query heads over the G ranks (H % G == 0). K/V heads are split
     when H_kv % G == 0, else replicated so that each rank gets the one K/V head its query heads
     use (G % H_kv == 0); any other H_kv raises ValueError.
     """
-    size, _ = head_group_block(group, head_group)
+    size = _head_group_size(group, head_group)
     if heads % size:
         raise ValueError(f"q has {heads} heads, which the head_group's {size} ranks cannot split evenly; "
                          "the head count must be a multiple of the head group's size")
@@ -83,7 +81,7 @@ def ring_group_for(group: dist.ProcessGroup | None, head_group: dist.ProcessGrou
 
     None when there is one head group (pure Ulysses: no ring). Made at the first call for a set of
     ranks, collectively over those ranks only (``use_local_synchronization``; every ring member
-    reaches it at the same ring call), and cached; ``head_group`` must have passed ``head_group_block``.
+    reaches it at the same ring call), and cached; ``head_group`` must have passed ``check_head_group``.
     """
     world = _group_ranks(group)
     size = dist.get_world_size(head_group)

@@ -17,8 +17,10 @@ K/V heads are replicated):
   causal: a causal block of L x L, then N - 1 half blocks; contiguous causal: the last rank's
   causal block and N - 1 full blocks; not causal: N full blocks. Backward: 2.5 x the FLOPs.
 - ring: a step sends K/V (2·B·L·h_kv·D elements; the backward also the fp32 dK/dV) over the
-  slowest link of the ring (across nodes when the ring leaves one) and takes
-  max(compute, transfer) + a step overhead: the ring hides its transfers behind the kernels.
+  slowest link of the ring (across nodes when the ring leaves one), latency + bytes / bandwidth,
+  and takes compute + transfer - overlap · min(compute, transfer) + a step overhead. With
+  overlap = 1 that is the longer of the two (the transfer wholly hidden); the default 0.5 fits the
+  flat ring measured on 2 H200s, where NCCL's traffic slows the kernels it runs beside.
 - all-to-all (G > 1): q, k, v and out forward, dO, dq, dk and dv backward; each rank sends
   (G - 1) / G of each, over the links inside its node and, when the head group spans nodes,
   across them. Nothing hides it.
@@ -26,8 +28,8 @@ K/V heads are replicated):
   gradients included (the ring's docstring; ``bytes_per_token``), checked against the CPU
   measurement in tests/test_ulysses.py.
 
-It ignores the local copies around the all-to-all, NCCL's use of SMs while kernels run, and
-rank skew; ``fa3dist bench scaling --scheme`` puts its predictions next to measured times.
+It ignores the local copies around the all-to-all and rank skew; ``fa3dist bench scaling
+--scheme`` puts its predictions next to measured times.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from .api import attention
 from .groups import ring_group_for
 from .kernels import Backend
+from .kernels.checks import check_qkv
 from .ring import LoopbackRing, ProcessGroupRing, Ring
 
 log = logging.getLogger("fa3dist.ulysses")
@@ -48,7 +49,7 @@ SCHEMES = ("flat", "ulysses", "hierarchical", "auto")
 
 
 @functools.cache
-def _node_chunks(size: int, layout: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _node_chunks(size: int, layout: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunks of a node's sequence in order, as index tensors on ``device``: (rank g, part p) of
     each, for G = ``size`` received shards of 2 parts (zigzag) or 1 (contiguous), and for each
     (g, p) its position in the node's sequence (shaped (G, 1, parts)). Made once per device: indexing
@@ -164,9 +165,13 @@ def _planned_scheme(q: torch.Tensor, k: torch.Tensor, *, causal: bool, layout: s
                     node_size: int) -> str:
     """The scheme ``fa3dist.plan`` picks for these inputs; "flat" for inputs too malformed to plan
     (the input check then reports them)."""
-    from .plan import Problem, choose_scheme, machine_from_env
+    from .plan import ELEMENT_BYTES, Problem, choose_scheme, machine_from_env
 
-    if world_size == 1 or not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k)):
+    if world_size == 1:
+        return "flat"
+    try:
+        check_qkv(q, k, k, causal=causal, dtypes=tuple(getattr(torch, name) for name in ELEMENT_BYTES))
+    except (TypeError, ValueError):
         return "flat"
     if node_size < 1 or world_size % node_size:
         return "hierarchical"  # the head-group check reports the bad node

@@ -39,6 +39,13 @@ def test_kernel_rates_interpolate_and_derive_the_backward():
         KernelRates.from_rows(rows, impl="fa3dist", dtype="float32", source="test")
 
 
+def test_link_fit_is_latency_plus_bytes_over_bandwidth():
+    from fa3dist.bench.links import _fit
+
+    gbps, latency_us = _fit([(1e6, 0.2 + 1e6 / 50e9 * 1e3), (1e8, 0.2 + 1e8 / 50e9 * 1e3)])  # (bytes, ms)
+    assert gbps == pytest.approx(50) and latency_us == pytest.approx(200)
+
+
 def _machine(**changes) -> Machine:
     """Nodes of 2, one kernel rate (500 TFLOP/s unmasked forward), 100 GB/s inside a node, no overheads."""
     base = Machine(gpus_per_node=2, kernel=KernelRates((("fwd", False, 128, 1024, 500.0),), "test"),

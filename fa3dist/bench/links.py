@@ -39,16 +39,18 @@ def measure_links(group: dist.ProcessGroup | None, device: torch.device,
 
     world = dist.get_world_size(group)
     ring = ProcessGroupRing(group)
-    timed: dict[str, list[tuple[float, float]]] = {"send_recv": [], "all_to_all": []}
-    for size in sizes:
+
+    def send_recv_ms(size: int) -> float:
         halves = [torch.empty(size // 2, dtype=torch.uint8, device=device) for _ in range(2)]
-        timed["send_recv"].append((size, _slowest_ms(lambda: ring.send_recv(halves).wait(), group, device, repeats)))
-        del halves
+        return _slowest_ms(lambda: ring.send_recv(halves).wait(), group, device, repeats)
+
+    def all_to_all_ms(size: int) -> float:
         buffer = torch.empty(size // (world - 1) * world, dtype=torch.uint8, device=device)
         received = torch.empty_like(buffer)
-        call = lambda: dist.all_to_all_single(received, buffer, group=group)  # noqa: E731
-        timed["all_to_all"].append((size, _slowest_ms(call, group, device, repeats)))
-        del buffer, received
+        return _slowest_ms(lambda: dist.all_to_all_single(received, buffer, group=group), group, device, repeats)
+
+    timed = {"send_recv": [(size, send_recv_ms(size)) for size in sizes],
+             "all_to_all": [(size, all_to_all_ms(size)) for size in sizes]}
     results = {}
     for pattern, points in timed.items():
         results[f"{pattern}_gbps"], results[f"{pattern}_latency_us"] = _fit(points)
