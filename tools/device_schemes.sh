@@ -16,15 +16,15 @@ nvidia-smi --query-gpu=name,memory.total --format=csv > "$W/gpu.txt"; nvidia-smi
 python3 -m pip install -q -e . --no-deps --no-build-isolation > /dev/null 2>&1
 
 log "ulysses over nccl"
-timeout 150 python3 -m pytest tests/gpu/test_ulysses_nccl_gpu.py -q -p no:cacheprovider > "$W/nccl_tests.txt" 2>&1
+timeout 120 python3 -m pytest tests/gpu/test_ulysses_nccl_gpu.py -q -p no:cacheprovider > "$W/nccl_tests.txt" 2>&1
 tail -3 "$W/nccl_tests.txt"
 
 for scheme in flat ulysses; do
   log "bench scaling --scheme $scheme"
-  timeout 190 python3 -m fa3dist.cli bench scaling --config configs/scaling_h100x4.yaml --launcher torchrun \
+  timeout 180 python3 -m fa3dist.cli bench scaling --config configs/scaling_h100x4.yaml --launcher torchrun \
     --scheme "$scheme" --out "$R" --set 'world_sizes=[1,2]' --set 'tokens_per_rank=[8192,32768]' \
     --set 'causal=[true]' --set 'passes=[fwd,fwd+bwd]' --set torch_cp=false --set min_iters=3 --set max_iters=8 \
-    --set budget_ms=800 --set plan_config=configs/plan_h200x2.yaml --set timeout_s=170 --set "out=$W/runs" \
+    --set budget_ms=800 --set plan_config=configs/plan_h200x2.yaml --set timeout_s=160 --set "out=$W/runs" \
     > "$W/scaling_$scheme.txt" 2>&1
   tail -12 "$W/scaling_$scheme.txt"
 done
