@@ -7,9 +7,11 @@ key/value blocks between ranks while the kernels run.
 import logging
 
 from .api import fa3_attention, ring_fa3_attention
+from .groups import CPGroups, make_cp_groups
 from .layout import shard_positions, shard_sequence, unshard_sequence
 
 __version__ = "0.1.0"
-__all__ = ["fa3_attention", "ring_fa3_attention", "shard_positions", "shard_sequence", "unshard_sequence"]
+__all__ = ["CPGroups", "fa3_attention", "make_cp_groups", "ring_fa3_attention", "shard_positions", "shard_sequence",
+           "unshard_sequence"]
 
 logging.getLogger("fa3dist").addHandler(logging.NullHandler())

@@ -8,10 +8,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .groups import check_head_group
 from .kernels import Backend, get_backend
 from .kernels.checks import check_qkv, resolve_scale
 from .layout import check_layout
-from .ops import LOCAL, attention_op, group_name
+from .ops import LOCAL, attention_op, group_name, resolve_ring
 from .ring import Ring, ring_backward, ring_forward
 from .ring.agree import CallSignature, check_ranks_agree
 
@@ -44,6 +45,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring, *, 
     return _RingAttention.apply(q, k, v, ring, backend, softmax_scale, causal, layout)
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float | None,
+            layout: str, backend: str, group: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) over the ring of the group named ``group`` (``LOCAL``: one device).
+
+    While ``torch.compile`` traces, through the custom op, which keeps attention in the graph.
+    In eager mode the same checks and ring functions run through a plain autograd Function: the
+    op's dispatch costs about 0.1 ms per call on a CPU, enough to starve the GPU between short
+    kernels (S = 1K).
+    """
+    if torch.compiler.is_compiling():
+        return attention_op(q, k, v, causal, softmax_scale, layout, backend, group)
+    ring, scale, kernels = resolve_ring(group, q, k, v, causal, softmax_scale, layout, backend, check=True)
+    return attention(q, k, v, ring, causal=causal, softmax_scale=scale, layout=layout, backend=kernels)
+
+
 def _check_options(causal: bool, return_lse: bool, layout: str) -> None:
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
@@ -64,7 +80,7 @@ def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     check_qkv(q, k, v, causal=causal)
     scale = resolve_scale(softmax_scale, q.shape[-1])
     get_backend(backend, q.device, q.dtype)  # an unknown or unusable backend fails here, by name
-    out, lse = attention_op(q, k, v, causal, scale, "zigzag", backend, LOCAL)
+    out, lse = _attend(q, k, v, causal, scale, "zigzag", backend, LOCAL)
     return (out, lse) if return_lse else out
 
 
@@ -96,8 +112,9 @@ def _check_ring_inputs(q, k, v, *, causal, softmax_scale, group, layout, backend
 
 def check_ring_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                     softmax_scale: float | None, group: dist.ProcessGroup | None, layout: str, backend: str,
-                    return_lse: bool = False) -> tuple[float, Backend]:
+                    return_lse: bool = False, head_group: dist.ProcessGroup | None = None) -> tuple[float, Backend]:
     """Every check of a ``ring_fa3_attention`` call; returns (softmax_scale, backend) resolved.
+    ``head_group``: the group of the all-to-all (``fa3dist.ulysses``), None for the flat ring.
 
     With more than one rank, every rank of ``group`` must call it, and every rank gets the same
     error when any rank's own check fails or the ranks disagree on shapes, dtype or options. That
@@ -110,7 +127,9 @@ def check_ring_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         scale, kernels = _check_ring_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group,
                                             layout=layout, backend=backend, return_lse=return_lse,
                                             world_size=world_size)
-        signature = CallSignature.of(q, k, causal=causal, layout=layout, softmax_scale=scale, backend=kernels.name)
+        head_size = 1 if head_group is None else check_head_group(q.shape[2], k.shape[2], group, head_group)
+        signature = CallSignature.of(q, k, causal=causal, layout=layout, softmax_scale=scale, backend=kernels.name,
+                                     head_group_size=head_size)
     except (TypeError, ValueError) as err:
         if world_size == 1:
             raise
@@ -122,6 +141,7 @@ def check_ring_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
 def ring_fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                        softmax_scale: float | None = None, group: dist.ProcessGroup | None = None,
+                       head_group: dist.ProcessGroup | None = None, scheme: str | None = None,
                        layout: str = "zigzag", backend: str = "auto", return_lse: bool = False):
     """Exact sequence-parallel attention over the ranks of ``group`` (None: the default group).
 
@@ -132,12 +152,39 @@ def ring_fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
     it runs the local kernel. Differentiable in q, k and v. A bad input on any rank, or ranks that
     disagree, raise the same error on every rank (only arguments of the wrong type for the op, such
     as a non-tensor q, fail at once on the rank that passed them).
+
+    ``head_group`` (this rank's node, e.g. from ``make_cp_groups``) and ``scheme`` choose how the
+    ranks share the work (``fa3dist.ulysses``): "flat" (the default without ``head_group``) is the
+    ring over ``group``; "ulysses" an all-to-all from sequence to head shards over ``group``;
+    "hierarchical" (the default with ``head_group``) the all-to-all inside ``head_group`` and the
+    ring across head groups; "auto" the one ``fa3dist.plan`` predicts fastest. The shards passed
+    and returned are the same for every scheme. ``torch.compile`` traces the flat ring only.
     """
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    name = group_name(group)
-    if name == LOCAL:  # one rank: the checks raise here
-        softmax_scale, _ = check_ring_call(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group,
-                                           layout=layout, backend=backend)
-    out, lse = attention_op(q, k, v, causal, softmax_scale, layout, backend, name)
+    if head_group is None and scheme in (None, "flat"):
+        name = group_name(group)
+        if name == LOCAL:  # one rank: the checks raise here
+            softmax_scale, _ = check_ring_call(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group,
+                                               layout=layout, backend=backend)
+        out, lse = _attend(q, k, v, causal, softmax_scale, layout, backend, name)
+        return (out, lse) if return_lse else out
+    if torch.compiler.is_compiling():
+        raise NotImplementedError("torch.compile traces the flat ring only: the all-to-all schemes (head_group, "
+                                  "scheme='ulysses'/'hierarchical'/'auto') are not custom ops yet")
+    from .ulysses import all_to_all_group, hierarchical_attention
+
+    try:
+        head_group = all_to_all_group(scheme, q, k, causal=causal, group=group, head_group=head_group, layout=layout)
+    except (TypeError, ValueError) as err:
+        if _ring_world_size(group) == 1:
+            raise
+        check_ranks_agree(None, err, group)  # the other ranks' checks raise this error with it
+    scale, kernels = check_ring_call(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group,
+                                     layout=layout, backend=backend, return_lse=return_lse, head_group=head_group)
+    if head_group is not None:
+        return hierarchical_attention(q, k, v, causal=causal, softmax_scale=scale, group=group, head_group=head_group,
+                                      layout=layout, backend=kernels, return_lse=return_lse)
+    ring = resolve_ring(group_name(group), q, k, v, causal, scale, layout, backend, check=False)[0]  # "auto" chose flat
+    out, lse = attention(q, k, v, ring, causal=causal, softmax_scale=scale, layout=layout, backend=kernels)
     return (out, lse) if return_lse else out

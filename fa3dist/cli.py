@@ -109,7 +109,7 @@ def cmd_scaling(args: argparse.Namespace) -> int:
 
     values = {"world_size": args.world_size, "device": args.device, "repeat": args.repeat, "results_dir": args.out,
               "plot": args.plot or None, "launcher": args.launcher, "command": command_line(),
-              "max_context": args.max_context or None}
+              "max_context": args.max_context or None, "scheme": args.scheme}
     return run_launched_job(args, "scaling", values, cpu_default=2,
                             fill=lambda cfg: dataclasses.replace(cfg, world_size=cfg.world_size or max(cfg.world_sizes)))
 
@@ -148,6 +148,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print("\n".join(["wrote:", *paths]))
     md = next(p for p in paths if p.endswith(".md"))
     print(Path(md).read_text())
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import PlanConfig, machine_summary, prediction_rows, predictions_markdown, write_projection
+
+    cfg = load_config(PlanConfig, args.config, args.set)
+    if args.project:
+        paths = write_projection(cfg, args.out or cfg.results_dir, args.plot)
+        print("\n".join(["wrote:", *paths]))
+        print(Path(next(p for p in paths if p.endswith(".md"))).read_text())
+        return 0
+    try:
+        machine = cfg.machine()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    rows = prediction_rows(cfg.problem(), cfg.world_size, machine)
+    print(f"fa3dist plan: S={cfg.seq_len} on {cfg.world_size} GPUs, B={cfg.batch}, H={cfg.heads}, H_kv={cfg.kv_heads}, "
+          f"D={cfg.head_dim}, {cfg.dtype}, causal={cfg.causal}, {'fwd+bwd' if cfg.backward else 'fwd'}, {cfg.layout}")
+    print(f"machine: {machine_summary(machine)}")
+    print(predictions_markdown(rows))
+    print(f"choice: {next(r['scheme'] for r in rows if r['chosen'])}")
     return 0
 
 
@@ -214,6 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--plot", action="store_true", help="also draw the loss curve to loss.png (needs matplotlib)")
     train.set_defaults(func=cmd_train)
 
+    plan = sub.add_parser(
+        "plan", help="predict flat ring, Ulysses and hierarchical times and pick one (a cost model)",
+        description="Predict one attention call's time under each context-parallel scheme (flat ring, Ulysses "
+                    "all-to-all, all-to-all inside nodes with the ring across) from kernel TFLOP/s (bench kernel "
+                    "results), link bandwidths and the problem shape, and print the predictions and the choice. "
+                    "--project writes the model's projection over the config's world sizes instead.")
+    plan.add_argument("--config", help="YAML settings, e.g. configs/plan_h100_cluster.yaml")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    plan.add_argument("--project", action="store_true",
+                      help="write the projection (JSON and Markdown, labelled as model output) under --out")
+    plan.add_argument("--out", help="folder for --project results (default: the config's results_dir)")
+    plan.add_argument("--plot", action="store_true", help="with --project, also write PNG charts")
+    plan.set_defaults(func=cmd_plan)
+
     bench = sub.add_parser("bench", help="benchmarks (kernel, ring, scaling)",
                            description="Benchmarks that write JSON and Markdown results (and PNG with --plot).")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -234,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     scaling.add_argument("--max-context", action="store_true",
                          help="instead: measure one fwd+bwd's peak memory at the max_context_tokens_per_rank sizes, "
                               "predict the longest sequence that fits the GPUs, and confirm it with one timed run")
+    scaling.add_argument("--scheme", choices=["flat", "ulysses", "hierarchical", "auto"],
+                         help="how the ranks share the work: the flat ring (default), the Ulysses all-to-all, the "
+                              "all-to-all inside nodes of gpus_per_node with the ring across, or the cost model's "
+                              "choice; rows name it and carry the model's predicted time")
     scaling.set_defaults(func=cmd_scaling)
     _bench_parser(bench_sub, "ring", "the ring schedule's overhead on one GPU (virtual ranks)",
                   "Run the ring's exact per-step schedule for W virtual ranks on one GPU, without communication, "

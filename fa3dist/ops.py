@@ -32,7 +32,7 @@ def group_name(group: dist.ProcessGroup | None) -> str:
     return (dist.group.WORLD if group is None else group).group_name
 
 
-def _ring(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float | None,
+def resolve_ring(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float | None,
           layout: str, backend: str, check: bool) -> tuple[Ring, float, Backend]:
     """The ring for the group called ``name`` with the resolved scale and backend. With ``check``
     (the forward of a ring), every check of the call runs first, with the rank exchange that gives
@@ -71,7 +71,7 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
     """Exact attention: (out, lse) of this rank's shard over the ring of the group named ``group``,
     or on one device when ``group`` is ``LOCAL``. lse is float32 (float64 for float64 inputs).
     ``softmax_scale`` None means 1/sqrt(D)."""
-    ring, scale, kernels = _ring(group, q, k, v, causal, softmax_scale, layout, backend, check=True)
+    ring, scale, kernels = resolve_ring(group, q, k, v, causal, softmax_scale, layout, backend, check=True)
     out, lse = ring_forward(q, k, v, ring, backend=kernels, softmax_scale=scale, causal=causal, layout=layout)
     return _distinct(out, lse.to(accumulation_dtype(q.dtype)))
 
@@ -88,7 +88,7 @@ def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
                           out: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float | None,
                           layout: str, backend: str, group: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of ``attention_op`` for the upstream gradient ``dout`` and its (out, lse)."""
-    ring, scale, kernels = _ring(group, q, k, v, causal, softmax_scale, layout, backend, check=False)
+    ring, scale, kernels = resolve_ring(group, q, k, v, causal, softmax_scale, layout, backend, check=False)
     grads = ring_backward(dout, q, k, v, out, lse, ring, backend=kernels, softmax_scale=scale, causal=causal,
                           layout=layout)
     return _distinct(*grads)

@@ -61,3 +61,4 @@ for step in "$@"; do
   esac
 done
 log done
+tar czf "$OUT/bundle.tgz" -C "$OUT" results logs steps.txt && rm -rf "$OUT/results" "$OUT/logs"

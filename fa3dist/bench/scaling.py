@@ -13,6 +13,13 @@ Each time is the slowest rank's median. "tflops" is per GPU: the whole problem's
 "peak_mem_gib" (fa3dist rows) is the largest rank's peak memory of one call, its inputs, outputs
 and gradients included (``fa3dist.bench.memory``), and "kib_per_token" the same per local token.
 
+``scheme`` picks how the W ranks share the work (``fa3dist.ulysses``): "flat" (the ring),
+"ulysses", "hierarchical" (all-to-all inside nodes of ``gpus_per_node`` ranks, the ring across;
+on one host this simulates nodes) or "auto" (the cost model's choice, in "scheme_used"). Every
+ring row names its scheme and carries "predicted_ms", the cost model's time (``fa3dist.plan``)
+from the machine of ``plan_config`` with this run's one-GPU rows as kernel rates and, on GPUs,
+the link bandwidth and latency measured over the ranks at the start (``fa3dist.bench.links``).
+
 With ``max_context`` it instead finds the longest sequence whose one-layer fwd+bwd fits
 (``run_max_context``).
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -31,15 +39,18 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from fa3dist.api import attention, ring_fa3_attention
-from fa3dist.config import LaunchOptions, check_choices
+from fa3dist.config import LaunchOptions, check_choices, load_config
 from fa3dist.kernels import BACKEND_NAMES, get_backend
 from fa3dist.kernels.checks import resolve_scale
 from fa3dist.kernels.numerics import relative_error
 from fa3dist.layout import shard_sequence
+from fa3dist.plan import PLAN_ENV, KernelRates, Machine, PlanConfig, Problem, choose_scheme, predict
 from fa3dist.ring import LoopbackRing
 from fa3dist.ring.schedule import LAYOUTS
+from fa3dist.ulysses import SCHEMES
 
 from .common import DTYPES, attention_flops, gpu_tag, markdown_table, run_meta, time_ms_events, write_results
+from .links import MIB, measure_links
 from .memory import peak_bytes
 from .torch_cp import ROTATE_METHODS, cp_attention
 
@@ -80,6 +91,11 @@ class ScalingConfig(LaunchOptions):
     max_context_tokens_per_rank: list[int] = field(default_factory=lambda: [16384, 32768, 65536, 131072])
     max_context_memory_gib: float | None = None  # per GPU; None: what the GPU's allocator can get
     max_context_confirm_fraction: float = 0.67
+    # how the ranks share the work, and the cost model's machine (fa3dist.plan) for "auto" and predictions
+    scheme: str = "flat"  # flat | ulysses | hierarchical | auto
+    gpus_per_node: int | None = None  # node size for hierarchical and auto; None: the launcher's LOCAL_WORLD_SIZE
+    plan_config: str | None = None  # plan YAML with the machine; None: $FA3DIST_PLAN, else the defaults
+    link_sizes_mib: list[int] = field(default_factory=lambda: [16, 128])  # measured on GPUs
 
     def check(self) -> None:
         super().check()
@@ -89,7 +105,11 @@ class ScalingConfig(LaunchOptions):
             raise ValueError(f"key 'world_size' ({self.world_size}) is below max(world_sizes)")
         check_choices(self, {"dtype": DTYPES, "layout": LAYOUTS, "backend": BACKEND_NAMES,
                              "cp_backend": ("cudnn", "flash"), "passes": ("fwd", "fwd+bwd"),
-                             "cp_rotate_methods": ROTATE_METHODS})
+                             "cp_rotate_methods": ROTATE_METHODS, "scheme": SCHEMES})
+        if self.gpus_per_node is not None and self.gpus_per_node < 1:
+            raise ValueError(f"key 'gpus_per_node' must be at least 1, got {self.gpus_per_node}")
+        if len(self.link_sizes_mib) != 2 or not 0 < self.link_sizes_mib[0] < self.link_sizes_mib[1]:
+            raise ValueError(f"key 'link_sizes_mib' must list two increasing positive sizes, got {self.link_sizes_mib}")
         for w, s in self.points():
             chunks = 2 * w if self.layout == "zigzag" else w
             if s % chunks:
@@ -139,8 +159,62 @@ def _step(call, do: torch.Tensor, with_backward: bool):
     return run
 
 
+@dataclass
+class _Schemes:
+    """What the ring rows need to run and predict ``cfg.scheme``: each world size's node group of this
+    rank (for hierarchical and auto), the node size and the model's machine (links filled in)."""
+
+    node_groups: dict[int, dist.ProcessGroup | None]
+    gpus_per_node: int
+    machine: Machine
+
+    def call(self, cfg: ScalingConfig, problem: Problem, world: int) -> tuple[str, dict[str, Any]]:
+        """(the scheme run, ``ring_fa3_attention``'s scheme arguments) at ``world`` ranks."""
+        scheme = cfg.scheme
+        if scheme == "auto":
+            scheme = choose_scheme(problem, world, self.machine_at(world))
+        if scheme == "hierarchical":
+            return scheme, {"head_group": self.node_groups[world]}
+        return scheme, {"scheme": scheme}
+
+    def machine_at(self, world: int) -> Machine:
+        return dataclasses.replace(self.machine, gpus_per_node=min(self.gpus_per_node, world))
+
+    def with_rates(self, rows: list[dict[str, Any]], dtype: str) -> _Schemes:
+        """The same with this run's one-GPU rows as kernel rates, where there are any yet."""
+        try:
+            rates = KernelRates.from_rows(rows, impl="fa3dist", dtype=dtype, source="this run's one-GPU rows")
+        except ValueError:
+            return self
+        return dataclasses.replace(self, machine=dataclasses.replace(self.machine, kernel=rates))
+
+
+def _schemes(cfg: ScalingConfig, ctx, worlds: list[int]) -> _Schemes:
+    """Node groups for every world size (collective: every rank calls it) and the model's machine,
+    with the links measured over all ranks on GPUs."""
+    node = cfg.gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    node_groups: dict[int, dist.ProcessGroup | None] = {}
+    for world in worlds if cfg.scheme in ("hierarchical", "auto") else []:
+        size = min(node, world)
+        if world % size:
+            raise ValueError(f"gpus_per_node ({node}) does not divide world size {world}")
+        for start in range(0, world if world > 1 else 0, size):
+            made = dist.new_group(list(range(start, start + size)))
+            if start <= ctx.rank < start + size:
+                node_groups[world] = made
+    plan = load_config(PlanConfig, cfg.plan_config or os.environ.get(PLAN_ENV) or None)
+    model = dataclasses.replace(plan.machine(), gpus_per_node=node)
+    if ctx.world_size > 1 and ctx.device.type == "cuda":
+        links = measure_links(None, ctx.device, tuple(m * MIB for m in cfg.link_sizes_mib))
+        log.info("links over %d ranks: %s", ctx.world_size, links)
+        model = dataclasses.replace(model, intra_node_gbps=links["send_recv_gbps"],
+                                    intra_node_all_to_all_gbps=links["all_to_all_gbps"],
+                                    latency_us=links["send_recv_latency_us"])
+    return _Schemes(node_groups, node, model)
+
+
 def _measure_point(cfg: ScalingConfig, ctx, world: int, seq: int, causal: bool, pass_: str,
-                   group: dist.ProcessGroup | None) -> list[dict[str, Any]]:
+                   group: dist.ProcessGroup | None, schemes: _Schemes) -> list[dict[str, Any]]:
     """Rows for one (W, S, causal, pass); ranks >= W return nothing."""
     if ctx.rank >= world:
         return []
@@ -168,17 +242,24 @@ def _measure_point(cfg: ScalingConfig, ctx, world: int, seq: int, causal: bool, 
         ms = time_ms_events(one_call, **timing)
         return [{**base, "impl": "fa3dist", "backend": backend.name, "ms": ms, "tflops": flops / ms / 1e9,
                  "overlap_efficiency": 1.0, **_peak_fields(one_call, tensors, seq, group, world, device)}]
-    ring_out = ring_fa3_attention(q, k, v, causal=causal, group=group, layout=cfg.layout, backend=cfg.backend)
+    problem = Problem(cfg.batch, seq, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.dtype, causal, with_backward,
+                      cfg.layout)
+    scheme, scheme_args = schemes.call(cfg, problem, world)
+    ring_out = ring_fa3_attention(q, k, v, causal=causal, group=group, layout=cfg.layout, backend=cfg.backend,
+                                  **scheme_args)
     ring_call = _step(lambda: ring_fa3_attention(q, k, v, causal=causal, group=group, layout=cfg.layout,
-                                                 backend=cfg.backend), do, with_backward)
+                                                 backend=cfg.backend, **scheme_args), do, with_backward)
     ring_ms = _slowest(time_ms_events(ring_call, **timing), group, device)
     memory = _peak_fields(ring_call, tensors, seq // world, group, world, device)
     alone_ms = _slowest(time_ms_events(_step(lambda: attention(
         q, k, v, LoopbackRing(ctx.rank, world), causal=causal, softmax_scale=scale, layout=cfg.layout,
         backend=backend)[0], do, with_backward), **timing), group, device)
+    predicted = predict(problem, world, scheme, schemes.machine_at(world))
     rows.append({**base, "impl": "fa3dist", "backend": backend.name, "ms": ring_ms,
                  "tflops": flops / world / ring_ms / 1e9, "overlap_efficiency": alone_ms / ring_ms,
-                 "no_comm_ms": alone_ms, **memory})
+                 "no_comm_ms": alone_ms, **memory, "scheme": cfg.scheme, "scheme_used": scheme,
+                 "head_group_size": predicted.head_group_size, "predicted_ms": predicted.ms,
+                 "predicted_over_measured": predicted.ms / ring_ms})
     if cfg.torch_cp and device.type == "cuda":
         best = None
         for rotate in cfg.cp_rotate_methods:
@@ -221,7 +302,8 @@ def _derive(rows: list[dict[str, Any]]) -> None:
 def scaling_markdown(rows: list[dict[str, Any]]) -> str:
     """Weak and strong scaling tables."""
     header = ["causal", "pass", "W", "S", "tokens/rank", "fa3dist TFLOP/s/GPU", "vs one GPU", "overlap eff.",
-              "torch_cp TFLOP/s/GPU", "torch_cp rotate", "fa3dist/torch_cp", "peak GiB", "KiB/token"]
+              "torch_cp TFLOP/s/GPU", "torch_cp rotate", "fa3dist/torch_cp", "peak GiB", "KiB/token", "scheme",
+              "ms", "predicted ms"]
     cp = {(r["S"], r["causal"], r["pass"], r["world_size"]): r for r in rows if r["impl"] == "torch_cp" and r.get("tflops")}
     body = []
     for r in sorted((r for r in rows if r["impl"] == "fa3dist"),
@@ -229,12 +311,14 @@ def scaling_markdown(rows: list[dict[str, Any]]) -> str:
         peer = cp.get((r["S"], r["causal"], r["pass"], r["world_size"]), {})
         body.append(["yes" if r["causal"] else "no", r["pass"], r["world_size"], r["S"], r["tokens_per_rank"],
                      r["tflops"], r.get("efficiency_vs_one_gpu"), r.get("overlap_efficiency"), peer.get("tflops"),
-                     peer.get("rotate"), r.get("ratio_to_torch_cp"), r.get("peak_mem_gib"), r.get("kib_per_token")])
+                     peer.get("rotate"), r.get("ratio_to_torch_cp"), r.get("peak_mem_gib"), r.get("kib_per_token"),
+                     r.get("scheme_used"), r["ms"], r.get("predicted_ms")])
     note = ("Rows with W = 1 are one kernel call over the whole S on one GPU. \"vs one GPU\" divides the "
             "per-GPU TFLOP/s by that of the W = 1 row with the same S (weak-scaling efficiency). "
             "\"overlap eff.\" is the time of the same schedule without communication over the real time. "
             "\"peak GiB\" is one call's peak memory on the largest rank, inputs, outputs and gradients included; "
-            "\"KiB/token\" the same per local token.")
+            "\"KiB/token\" the same per local token. \"scheme\" is how the ranks shared the work (fa3dist.ulysses); "
+            "\"predicted ms\" the cost model's time for it (fa3dist.plan; machine in the JSON's meta.plan_machine).")
     return note + "\n\n" + markdown_table(header, body)
 
 
@@ -247,16 +331,21 @@ def run_scaling(cfg: ScalingConfig, ctx) -> dict[str, Any]:
     if ctx.world_size < world_max:
         raise ValueError(f"the scaling job needs {world_max} ranks (max of world_sizes); it has {ctx.world_size}")
     groups = {w: (dist.new_group(list(range(w))) if w > 1 else None) for w in sorted(set(cfg.world_sizes) | {1})}
+    schemes = _schemes(cfg, ctx, sorted(groups))
     todo = [(rep, causal, w, s, p) for rep in range(cfg.repeat) for causal in cfg.causal
             for w, s in cfg.points() for p in cfg.passes]
     rows: list[dict[str, Any]] = []
     meta = run_meta(ctx.world_size, launcher=cfg.launcher, config=dataclasses.asdict(cfg))
     meta["command"] = cfg.command or meta["command"]
+    meta["plan_machine"] = dataclasses.asdict(schemes.machine) | {"kernel": "this run's one-GPU rows, else "
+                                                                  + schemes.machine.kernel.source}
     backend = get_backend(cfg.backend, ctx.device, DTYPES[cfg.dtype]).name
-    stem = f"scaling-{gpu_tag(meta)}x{ctx.world_size}-{meta['date']}-{cfg.launcher}-{backend}"
+    scheme_tag = "" if cfg.scheme == "flat" else f"-{cfg.scheme}"
+    stem = f"scaling-{gpu_tag(meta)}x{ctx.world_size}-{meta['date']}-{cfg.launcher}-{backend}{scheme_tag}"
     paths: list[str] = []
     for rep, causal, world, seq, pass_ in tqdm(todo, desc="bench scaling", unit="point", disable=ctx.rank != 0):
-        for row in _measure_point(cfg, ctx, world, seq, causal, pass_, groups.get(world)):
+        for row in _measure_point(cfg, ctx, world, seq, causal, pass_, groups.get(world),
+                                  schemes.with_rates(rows, cfg.dtype)):
             rows.append({**row, "repeat": rep})
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()

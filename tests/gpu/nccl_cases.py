@@ -20,8 +20,9 @@ def all_cases(rank: int, world_size: int) -> dict[tuple, dict[str, tuple]]:
     return {case: ring_vs_single(rank, world_size, *case) for case in CASES}
 
 
-def ring_vs_single(rank: int, world_size: int, backend: str, layout: str, causal: bool) -> dict[str, tuple]:
-    """(ring error, single-GPU error) against float64 math for out, dq, dk, dv on this rank's shard."""
+def ring_vs_single(rank: int, world_size: int, backend: str, layout: str, causal: bool, **call) -> dict[str, tuple]:
+    """(ring error, single-GPU error) against float64 math for out, dq, dk, dv on this rank's shard;
+    ``call``: more ``ring_fa3_attention`` arguments (a scheme or head group)."""
     seq, heads, kv_heads, dim = 512 * world_size, 8, 2, 128
     gen = torch.Generator(device="cuda").manual_seed(1234)  # same inputs on every rank
     q, do = (torch.randn(1, seq, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
@@ -35,7 +36,7 @@ def ring_vs_single(rank: int, world_size: int, backend: str, layout: str, causal
         return shard_sequence(x, world_size=world_size, rank=rank, layout=layout)
 
     ql, kl, vl = (shard(t).requires_grad_() for t in (q, k, v))
-    out = ring_fa3_attention(ql, kl, vl, causal=causal, layout=layout, backend=backend)
+    out = ring_fa3_attention(ql, kl, vl, causal=causal, layout=layout, backend=backend, **call)
     out.backward(shard(do))
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
     single = fa3_attention(qs, ks, vs, causal=causal, backend=backend)
