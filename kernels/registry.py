@@ -57,6 +57,11 @@ _FACTORIES: dict[str, Callable[[], Backend]] = {
 BACKEND_NAMES = ("auto", *_FACTORIES)
 
 
+def needs_cuda(name: str) -> bool:
+    """Whether backend ``name`` (not "auto") runs only on CUDA tensors."""
+    return _FACTORIES[name]().cuda_only
+
+
 def auto_backend_name(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> str:
     """The backend "auto" stands for: the fastest one verified for ``device`` and ``dtype``.
 

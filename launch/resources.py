@@ -21,10 +21,11 @@ from typing import Any, TypeVar
 import torch
 
 from fa3dist.config import ConfigError, LaunchOptions
+from fa3dist.kernels import BACKEND_NAMES
+from fa3dist.kernels.registry import needs_cuda
 
 Cfg = TypeVar("Cfg", bound=LaunchOptions)
 ELEMENT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
-CUDA_ONLY_BACKENDS = ("cudnn", "flash2")
 
 
 def resolve_launch(cfg: Cfg, *, gpus: int, cpu_default: int, where: str = "on this machine") -> Cfg:
@@ -47,11 +48,11 @@ def check_backend(backend: str, device: str) -> None:
     """Raise ConfigError when kernel ``backend`` cannot run on ``device`` ("cuda" or "cpu")."""
     if device != "cpu":
         return
-    if backend in CUDA_ONLY_BACKENDS:
-        raise ConfigError(f"backend {backend!r} needs CUDA; this run is on the CPU (use --backend reference)")
+    if backend in BACKEND_NAMES and backend != "auto" and needs_cuda(backend):
+        raise ConfigError(f"backend {backend!r} needs CUDA; this run is on the CPU (use backend reference: --backend reference, or --set backend=reference)")
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError("backend 'triton' needs CUDA; on a CPU it runs only in Triton's interpreter "
-                          "(set TRITON_INTERPRET=1, slow) - use --backend reference")
+                          "(set TRITON_INTERPRET=1, slow) - use backend reference (--backend reference, or --set backend=reference)")
 
 
 @dataclass(frozen=True)
