@@ -13,7 +13,7 @@ from .kernels import Backend, get_backend
 from .kernels.checks import check_qkv, resolve_scale
 from .layout import check_layout
 from .ops import LOCAL, attention_op, group_name, resolve_ring
-from .ring import Ring, ring_backward, ring_forward
+from .ring import LoopbackRing, Ring, ring_backward, ring_forward
 from .ring.agree import CallSignature, check_ranks_agree
 
 
@@ -45,21 +45,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring, *, 
     return _RingAttention.apply(q, k, v, ring, backend, softmax_scale, causal, layout)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float | None,
-            layout: str, backend: str, group: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) over the ring of the group named ``group`` (``LOCAL``: one device).
-
-    While ``torch.compile`` traces, through the custom op, which keeps attention in the graph.
-    In eager mode the same checks and ring functions run through a plain autograd Function: the
-    op's dispatch costs about 0.1 ms per call on a CPU, enough to starve the GPU between short
-    kernels (S = 1K).
-    """
-    if torch.compiler.is_compiling():
-        return attention_op(q, k, v, causal, softmax_scale, layout, backend, group)
-    ring, scale, kernels = resolve_ring(group, q, k, v, causal, softmax_scale, layout, backend, check=True)
-    return attention(q, k, v, ring, causal=causal, softmax_scale=scale, layout=layout, backend=kernels)
-
-
 def _check_options(causal: bool, return_lse: bool, layout: str) -> None:
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
@@ -79,8 +64,12 @@ def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     _check_options(causal, return_lse, "zigzag")
     check_qkv(q, k, v, causal=causal)
     scale = resolve_scale(softmax_scale, q.shape[-1])
-    get_backend(backend, q.device, q.dtype)  # an unknown or unusable backend fails here, by name
-    out, lse = _attend(q, k, v, causal, scale, "zigzag", backend, LOCAL)
+    kernels = get_backend(backend, q.device, q.dtype)  # an unknown or unusable backend fails here, by name
+    if torch.compiler.is_compiling():  # the custom op keeps attention in the graph
+        out, lse = attention_op(q, k, v, causal, scale, "zigzag", backend, LOCAL)
+    else:  # the op's dispatch costs ~0.1 ms a call in eager mode: call what it calls
+        out, lse = attention(q, k, v, LoopbackRing(0, 1), causal=causal, softmax_scale=scale, layout="zigzag",
+                             backend=kernels)
     return (out, lse) if return_lse else out
 
 
@@ -160,14 +149,16 @@ def ring_fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
     ring across head groups; "auto" the one ``fa3dist.plan`` predicts fastest. The shards passed
     and returned are the same for every scheme. ``torch.compile`` traces the flat ring only.
     """
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     if head_group is None and scheme in (None, "flat"):
         name = group_name(group)
-        if name == LOCAL:  # one rank: the checks raise here
-            softmax_scale, _ = check_ring_call(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group,
-                                               layout=layout, backend=backend)
-        out, lse = _attend(q, k, v, causal, softmax_scale, layout, backend, name)
+        if torch.compiler.is_compiling():  # the custom op keeps attention in the graph and checks when it runs
+            _check_options(causal, return_lse, layout)
+            out, lse = attention_op(q, k, v, causal, softmax_scale, layout, backend, name)
+        else:  # the same checks and ring functions without the op's dispatch (~0.1 ms a call)
+            scale, kernels = check_ring_call(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group,
+                                             layout=layout, backend=backend, return_lse=return_lse)
+            ring = resolve_ring(name, q, k, v, causal, scale, layout, backend, check=False)[0]
+            out, lse = attention(q, k, v, ring, causal=causal, softmax_scale=scale, layout=layout, backend=kernels)
         return (out, lse) if return_lse else out
     if torch.compiler.is_compiling():
         raise NotImplementedError("torch.compile traces the flat ring only: the all-to-all schemes (head_group, "

@@ -115,12 +115,17 @@ def cmd_scaling(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .train.checkpoint import latest_checkpoint
+
     if args.max_restarts < 0:
         raise ConfigError(f"--max-restarts must not be negative, got {args.max_restarts}")
 
     def fill(cfg: Any) -> Any:
         if cfg.resume and not args.out:
             raise ConfigError("--resume needs --out: the run folder whose checkpoints to continue from")
+        if not cfg.resume and args.out and latest_checkpoint(Path(args.out) / "checkpoints") is not None:
+            raise ConfigError(f"{args.out} holds checkpoints of an earlier run: pass --resume to continue it, "
+                              "or give a new --out")
         return cfg
 
     values = {"world_size": args.world_size, "device": args.device, "resume": args.resume or None,

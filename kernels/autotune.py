@@ -144,18 +144,19 @@ def _report_failure(key: TuningKey, cfg: Config, err: Exception) -> None:
 
 
 def pick_config(key: TuningKey, configs: Sequence[Config], launch: Callable[[Config], Sequence[torch.Tensor]], *,
-                tolerance: float = 2e-2, timer: Timer | None = None) -> Config:
+                tolerance: float = 2e-2, timer: Timer | None = None, reference_only: bool = False) -> Config:
     """Return the fastest verified config for ``key``: from memory, else from the disk cache, else tune.
 
     ``launch(cfg)`` runs the kernel with ``cfg`` and returns its outputs (fresh tensors, not
-    shared between calls). ``configs[0]`` is the reference candidate and must be a safe config.
+    shared between calls). ``configs[0]`` is the reference candidate and must be a safe config;
+    with ``reference_only`` it only checks the others and is never chosen itself (a forced path).
     ``timer(fn)`` measures ``fn`` in milliseconds (default: ``triton.testing.do_bench``).
     """
     memo = tuple(key.items())
     if memo in _CHOICES:
         return _CHOICES[memo]
     if os.environ.get("FA3DIST_AUTOTUNE", "1") == "0":
-        return configs[0]
+        return configs[1 if reference_only else 0]
     name = json.dumps(key, sort_keys=True)
     cached = _load(name, key, configs)
     if cached is not None:
@@ -166,6 +167,8 @@ def pick_config(key: TuningKey, configs: Sequence[Config], launch: Callable[[Con
     baseline = [t.clone() for t in launch(configs[0])]
     timings: list[tuple[float, int]] = []
     for index, cfg in enumerate(configs):
+        if reference_only and index == 0:
+            continue
         try:
             outs = launch(cfg)
             errors = [relative_error(o, b) for o, b in zip(outs, baseline)]

@@ -243,10 +243,10 @@ def _choose_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sc
         return _launch(q, k, v, softmax_scale, causal, cfg, *targets, accumulate)
 
     path = kernel_path()
-    candidates = [] if path == "tl" else _gluon_configs(q, out, path)
-    if path != "gluon" or not candidates:  # the tl candidates (first: the safe reference) join or replace them
-        candidates = candidate_configs(q.shape[3], q.dtype) + candidates
-    return pick_config({**key, "path": path}, candidates, trial)
+    gluon = [] if path == "tl" else _gluon_configs(q, out, path)
+    if path == "gluon" and gluon:  # forced: the safe tl config checks the Gluon ones and is not chosen
+        return pick_config({**key, "path": path}, [FWD_CONFIGS[0], *gluon], trial, reference_only=True)
+    return pick_config({**key, "path": path}, candidate_configs(q.shape[3], q.dtype) + gluon, trial)
 
 
 def _check_out(q: torch.Tensor, out: torch.Tensor | None, lse: torch.Tensor | None, accumulate: bool) -> None:

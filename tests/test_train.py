@@ -127,6 +127,12 @@ def clean_run(tmp_path_factory) -> Path:
     return out
 
 
+def test_a_fresh_run_refuses_a_folder_with_another_runs_checkpoints(clean_run, capsys):
+    """Its pruning would delete the new checkpoints, and a restart would resume the old run."""
+    assert cli_main(["train", "--out", str(clean_run), *[a for s in SMALL for a in ("--set", s)]]) == 2
+    assert "holds checkpoints of an earlier run: pass --resume" in capsys.readouterr().err
+
+
 def test_local_run_logs_every_step_and_learns(clean_run):
     logged = losses(clean_run)
     assert [step for step, _ in logged] == list(range(12))

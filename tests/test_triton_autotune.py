@@ -90,6 +90,13 @@ def test_a_wrong_candidate_never_wins():
     assert pick_config(KEY, CONFIGS, fake.launch, timer=fake.timer) == CONFIGS[3]
 
 
+def test_a_forced_path_checks_against_the_reference_without_choosing_it():
+    """FA3DIST_KERNEL=gluon: the safe tl config (first) verifies the others and is never the answer,
+    however fast it is; a forced candidate that disagrees with it still loses."""
+    fake = FakeKernel([0.1, 3.0, 2.0, 1.0], broken={3: "wrong"})
+    assert pick_config(KEY, CONFIGS, fake.launch, timer=fake.timer, reference_only=True) == CONFIGS[2]
+
+
 def test_no_verified_candidate_raises():
     fake = FakeKernel([1.0] * 4, broken={i: "raise" for i in range(1, 4)})
     fake.broken[0] = "nan"

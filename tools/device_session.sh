@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU runs of one session on a 2-GPU H200 host, in steps that fit 10-minute device calls.
 # Usage (on the device, from the repo root): bash tools/device_session.sh STEP...
-#   stash       keep the first half of the fa3 wheels (../shared/tools/device-fa3-wheels.sh; carry .fa3a)
+#   stash       keep the first half of the fa3 wheels in $FA3_STASH (the wheels: the team's device-fa3-wheels.sh
+#               tool builds .fa3a and .fa3b; carry .fa3a)
 #   fa3         install the fa3 wheels (carry .fa3b, right after `stash` on the same warm machine)
 #   timing      tools/profile_ring.py --timing-only at 8K tokens/GPU: with the rank check, without, no comm
 #   ringtests   NCCL ring tests on 2 GPUs (every installed backend), no host sync, the long ring
@@ -13,7 +14,8 @@
 # Results go to $OUT/results (JSON, Markdown, PNG), logs to $OUT/logs; $OUT/steps.txt has the timeline.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/results" "$OUT/logs"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 FA3DIST_CACHE_DIR=/root/fa3dist-cache
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+STASH=${FA3_STASH:-$HOME/fa3stash}  # where the first half of the fa3 wheels waits for the second
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:${PYTHONPATH:-}
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.txt"; }
 python3 -m pip install -q -e . --no-deps --no-build-isolation > /dev/null 2>&1
@@ -26,11 +28,11 @@ run() {  # name, timeout, command...
 steps=" $* "
 for step in "$@"; do
   case $step in
-    stash) mkdir -p /root/fa3stash && cp .fa3a/* /root/fa3stash/ && log "stashed" ;;
-    fa3) cat /root/fa3stash/part_aa .fa3b/part_ab \
-           > /root/fa3stash/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl \
-         && rm -f /root/fa3stash/part_aa \
-         && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /root/fa3stash/*.whl \
+    stash) mkdir -p "$STASH" && cp .fa3a/* "$STASH"/ && log "stashed" ;;
+    fa3) cat "$STASH/part_aa" .fa3b/part_ab \
+           > "$STASH/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl" \
+         && rm -f "$STASH/part_aa" \
+         && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$STASH"/*.whl \
          && export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:${PYTHONPATH:-} \
          && python3 -c "from fa3dist.kernels.fa3 import unavailable_reason as r; print('fa3:', r() or 'ok')" ;;
     timing) for backend in auto cudnn; do

@@ -20,9 +20,15 @@ def _slowest_ms(call, group: dist.ProcessGroup | None, device: torch.device, rep
 
 
 def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """(GB/s, latency in us) of the line through two (bytes, ms) points."""
+    """(GB/s, latency in us) of the line through two (bytes, ms) points.
+
+    Raises RuntimeError when the larger transfer was not the slower one: noise, not a bandwidth.
+    """
     (n0, t0), (n1, t1) = points
-    ms_per_byte = max((t1 - t0) / (n1 - n0), 1e-15)
+    if t1 <= t0:
+        raise RuntimeError(f"link measurement is noise: {n1} bytes took {t1:.3f} ms, {n0} bytes {t0:.3f} ms; "
+                           "rerun, or give the bandwidth in the plan config")
+    ms_per_byte = (t1 - t0) / (n1 - n0)
     return 1e-6 / ms_per_byte, max(t0 - ms_per_byte * n0, 0.0) * 1e3
 
 

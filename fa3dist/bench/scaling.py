@@ -205,11 +205,15 @@ def _schemes(cfg: ScalingConfig, ctx, worlds: list[int]) -> _Schemes:
     plan = load_config(PlanConfig, cfg.plan_config or os.environ.get(PLAN_ENV) or None)
     model = dataclasses.replace(plan.machine(), gpus_per_node=node)
     if ctx.world_size > 1 and ctx.device.type == "cuda":
-        links = measure_links(None, ctx.device, tuple(m * MIB for m in cfg.link_sizes_mib))
-        log.info("links over %d ranks: %s", ctx.world_size, links)
-        model = dataclasses.replace(model, intra_node_gbps=links["send_recv_gbps"],
-                                    intra_node_all_to_all_gbps=links["all_to_all_gbps"],
-                                    latency_us=links["send_recv_latency_us"])
+        try:  # every rank gets the same (slowest-rank) figures, so every rank takes the same branch
+            links = measure_links(None, ctx.device, tuple(m * MIB for m in cfg.link_sizes_mib))
+        except RuntimeError as err:
+            log.warning("%s: the model keeps the plan config's link figures", err)
+        else:
+            log.info("links over %d ranks: %s", ctx.world_size, links)
+            model = dataclasses.replace(model, intra_node_gbps=links["send_recv_gbps"],
+                                        intra_node_all_to_all_gbps=links["all_to_all_gbps"],
+                                        latency_us=links["send_recv_latency_us"])
     return _Schemes(node_groups, node, model)
 
 

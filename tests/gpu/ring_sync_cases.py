@@ -17,7 +17,9 @@ def ring_call_syncs(rank: int, world_size: int) -> dict[str, str]:
     for t in (q, k, v):
         t.requires_grad_()
     results = {}
-    for backend in ("triton", "cudnn", "flash2"):
+    from fa3dist.kernels.fa3 import unavailable_reason
+
+    for backend in ("triton", "cudnn", "flash2") + (("fa3",) if unavailable_reason() is None else ()):
         def step():
             ring_fa3_attention(q, k, v, causal=True, backend=backend).backward(do)
 
