@@ -9,10 +9,11 @@ i of every head group: group ranks i, G+i, 2G+i, ...
 
 from __future__ import annotations
 
-import weakref
 from typing import NamedTuple
 
 import torch.distributed as dist
+
+from .ring.comm import cached_subgroup
 
 
 class CPGroups(NamedTuple):
@@ -72,10 +73,6 @@ def check_head_group(heads: int, kv_heads: int, group: dist.ProcessGroup | None,
     return size
 
 
-# default process group -> {global ranks of a ring group -> the group}
-_RING_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def ring_group_for(group: dist.ProcessGroup | None, head_group: dist.ProcessGroup) -> dist.ProcessGroup | None:
     """The ring group of this rank: the ranks at its position in every head group of ``group``.
 
@@ -89,11 +86,7 @@ def ring_group_for(group: dist.ProcessGroup | None, head_group: dist.ProcessGrou
         return None
     position = dist.get_rank(head_group)
     ranks = tuple(world[n * size + position] for n in range(len(world) // size))
-    by_ranks = _RING_GROUPS.setdefault(dist.group.WORLD, {})
-    if ranks not in by_ranks:
-        by_ranks[ranks] = dist.new_group(list(ranks), backend=dist.get_backend(group),
-                                         use_local_synchronization=True)
-    return by_ranks[ranks]
+    return cached_subgroup(ranks, dist.get_backend(group))
 
 
 def make_cp_groups(gpus_per_node: int) -> CPGroups:

@@ -35,6 +35,13 @@ def _main(rank: int, world_size: int, port: int, backend: str, fn: Callable, arg
             dist.destroy_process_group()
 
 
+def same_on_every_rank(per_rank: list[dict[str, str]], name: str) -> str:
+    """The message every rank reported for call ``name``; fails when two ranks reported different ones."""
+    messages = {rank: results[name] for rank, results in enumerate(per_rank)}
+    assert len(set(messages.values())) == 1, f"{name}: ranks raised different errors: {messages}"
+    return messages[0]
+
+
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300,
               backend: str = "gloo") -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` in ``world_size`` processes joined by a process group

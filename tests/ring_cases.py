@@ -105,7 +105,7 @@ def host_only_check(rank: int, world_size: int) -> dict[str, str]:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fa3dist.api import check_ring_call
-    from fa3dist.ring import agree
+    from fa3dist.ring.comm import subgroup_ranks
 
     with FakeTensorMode():
         q = torch.empty(1, 8, 4, 16, device="cuda", dtype=torch.bfloat16)
@@ -124,7 +124,7 @@ def host_only_check(rank: int, world_size: int) -> dict[str, str]:
     if rank != 1:
         results["subgroup"] = attempt(sub)
         results["subgroup again"] = attempt(sub)
-        results["side groups"] = str(sorted(agree._SIDE_GROUPS[dist.group.WORLD]))
+        results["side groups"] = str(subgroup_ranks("gloo"))
     return results
 
 

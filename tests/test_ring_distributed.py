@@ -7,7 +7,7 @@ import functools
 import pytest
 
 from tests import ring_cases
-from tests.multiproc import run_ranks
+from tests.multiproc import run_ranks, same_on_every_rank
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 
@@ -55,9 +55,7 @@ def test_every_rank_raises_the_same_readable_error():
                                         "ranks; rank 1: layout 'zigzag' needs an even local sequence length",
     }
     for name in ring_cases.DISAGREEMENTS:
-        messages = {rank: results[name] for rank, results in enumerate(per_rank)}
-        assert len(set(messages.values())) == 1, f"{name}: ranks raised different errors: {messages}"
-        message = messages[0]
+        message = same_on_every_rank(per_rank, name)
         if name == "agree":
             assert message == "ok"
         else:

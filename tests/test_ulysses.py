@@ -14,7 +14,7 @@ import torch.distributed as dist
 from fa3dist import make_cp_groups, ring_fa3_attention, shard_sequence
 from fa3dist.kernels.numerics import relative_error
 from fa3dist.kernels.reference import reference_bwd, reference_fwd
-from tests.multiproc import run_ranks
+from tests.multiproc import run_ranks, same_on_every_rank
 
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
 CASES = list(itertools.product(("zigzag", "contiguous"), (False, True), HEADS))
@@ -176,9 +176,7 @@ def test_bad_group_shapes_raise_the_same_clear_error_on_every_rank():
         "hierarchical without head_group": "scheme 'hierarchical' needs head_group",
     }
     for name in per_rank[0]:
-        messages = {rank: results[name] for rank, results in enumerate(per_rank)}
-        assert len(set(messages.values())) == 1, f"{name}: ranks raised different errors: {messages}"
-        message = messages[0]
+        message = same_on_every_rank(per_rank, name)
         if name == "agree":
             assert message == "ok"
         else:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import struct
-import weakref
 from dataclasses import dataclass, fields
 
 import torch
@@ -36,6 +35,7 @@ import torch.distributed as dist
 from fa3dist.kernels import BACKEND_NAMES
 from fa3dist.kernels.checks import FLOAT_DTYPES
 
+from .comm import cached_subgroup
 from .schedule import LAYOUTS
 
 
@@ -99,10 +99,6 @@ def _ranks_holding(values: list, value: object) -> str:
     return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)}"
 
 
-# default process group -> {global ranks of a group -> its gloo side group}
-_SIDE_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def host_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     """A gloo group over the ranks of ``group``: ``group`` itself when it is gloo, else a cached side group.
 
@@ -110,11 +106,7 @@ def host_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     """
     if dist.get_backend(group) == "gloo":
         return group if group is not None else dist.group.WORLD
-    ranks = tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
-    by_ranks = _SIDE_GROUPS.setdefault(dist.group.WORLD, {})
-    if ranks not in by_ranks:
-        by_ranks[ranks] = dist.new_group(list(ranks), backend="gloo", use_local_synchronization=True)
-    return by_ranks[ranks]
+    return cached_subgroup(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD), "gloo")
 
 
 def check_ranks_agree(signature: CallSignature | None, error: Exception | None,

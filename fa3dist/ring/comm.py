@@ -13,12 +13,35 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+
+
+# default process group -> {(global ranks, backend) -> the group made for them}
+_SUBGROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def cached_subgroup(ranks: Sequence[int], backend: str | None) -> dist.ProcessGroup:
+    """The process group over the global ``ranks`` with ``backend``, made at the first call and reused.
+
+    Made with ``use_local_synchronization``: only those ranks take part, all at the same point of
+    their programs (the callers reach it inside a collective call). Forgotten with the default group.
+    """
+    by_key = _SUBGROUPS.setdefault(dist.group.WORLD, {})
+    key = (tuple(ranks), backend)
+    if key not in by_key:
+        by_key[key] = dist.new_group(list(ranks), backend=backend, use_local_synchronization=True)
+    return by_key[key]
+
+
+def subgroup_ranks(backend: str) -> list[tuple[int, ...]]:
+    """The rank sets of the cached subgroups with ``backend`` (for tests)."""
+    return sorted(ranks for ranks, b in _SUBGROUPS.get(dist.group.WORLD, {}) if b == backend)
 
 
 class Pending(Protocol):
