@@ -49,11 +49,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tma
+from . import gluon_bwd, tma
 from .autotune import Config, make_config, pick_config, source_hash, tuning_key
 from .checks import check_bwd_inputs, check_qkv, check_scale
 from .common import (INTERPRET, LOG2E, TL_LOG2E, check_device, dot_precision, kernel_path, note_path,
-                     uses_small_config)
+                     uses_small_config, warn_once)
 
 DQ_MODES = ("tma_reduce", "atomic", "separate")
 BWD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -385,26 +385,28 @@ def _launch(p: _Problem, cfg: Config, grads: Grads | None = None, accumulate: bo
     write them into the buffers, or with ``accumulate`` add them to what the buffers hold. A call
     for dQ alone or dK/dV alone runs the separate kernels' way whatever ``cfg["dq"]`` says.
     """
-    _check_config(cfg)
     q, k, v, do = p.q, p.k, p.v, p.do
-    batch, seq_q, heads, head_dim = q.shape
-    seq_k, kv_heads = k.shape[1], k.shape[2]
-    block_n, block_m, block_d = cfg["BLOCK_N"], cfg["BLOCK_M"], p.block_d
-    precision = dot_precision(q.dtype)
-    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    scales = (p.softmax_scale, p.softmax_scale * LOG2E)
     if grads is None:
         dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
     else:
         dq, dk, dv = grads
-    want_dq, want_dkv = dq is not None, dk is not None
-    mode = cfg["dq"] if want_dq and want_dkv else "separate"
     if q.numel() == 0 or k.numel() == 0:  # no query or no key: every gradient is zero
         if not accumulate:
             for t in (dq, dk, dv):
                 if t is not None:
                     t.zero_()
         return dq, dk, dv
+    if cfg.get("path") == "gluon":
+        return _launch_gluon(p, cfg, (dq, dk, dv), grads is None, accumulate)
+    _check_config(cfg)
+    batch, seq_q, heads, head_dim = q.shape
+    seq_k, kv_heads = k.shape[1], k.shape[2]
+    block_n, block_m, block_d = cfg["BLOCK_N"], cfg["BLOCK_M"], p.block_d
+    precision = dot_precision(q.dtype)
+    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    scales = (p.softmax_scale, p.softmax_scale * LOG2E)
+    want_dq, want_dkv = dq is not None, dk is not None
+    mode = cfg["dq"] if want_dq and want_dkv else "separate"
     # fp32 target of the atomic dQ modes: the caller's buffer (each tile scaled before it is added),
     # else (B, H, Sq, D) scratch seen as (B, Sq, H, D), zeroed per launch, scaled and cast at the end.
     dq_acc = None
@@ -438,6 +440,29 @@ def _launch(p: _Problem, cfg: Config, grads: Grads | None = None, accumulate: bo
     return dq, dk, dv
 
 
+def _launch_gluon(p: _Problem, cfg: Config, grads: Grads, fresh: bool, accumulate: bool) -> Grads:
+    """The Gluon backward (gluon_bwd.py) with one config into ``grads`` (``fresh``: new tensors in q's
+    dtype, else the caller's fp32 buffers). dK/dV come from the Gluon kernel; dQ, when asked for, from
+    its TMA reduction into fp32 (``cfg["dq"] == "tma_reduce"``) or from the ``tl`` dQ kernel
+    (``"separate"``: deterministic, two more products per tile)."""
+    dq, dk, dv = grads
+    reduce_dq = dq is not None and cfg["dq"] == "tma_reduce"
+    dq_acc = None
+    if reduce_dq:
+        if fresh:
+            dq_acc = torch.zeros(p.q.shape, device=p.q.device, dtype=torch.float32)
+        else:
+            dq_acc = dq if accumulate else dq.zero_()
+    gluon_bwd.gluon_bwd_launch(p.q, p.k, p.v, p.do, p.lse2, p.delta, p.softmax_scale, p.causal,
+                               gluon_bwd.GluonBwdConfig(cfg["BLOCK_M"], cfg["STAGES"]), dq_acc, dk, dv, accumulate)
+    if reduce_dq and fresh:
+        dq.copy_(dq_acc)
+    elif dq is not None and not reduce_dq:
+        tile = _TILES[max(64, p.block_d)]["separate"][0]
+        _launch(p, make_config(*tile, dq="separate"), (dq, None, None), accumulate)
+    return dq, dk, dv
+
+
 def candidate_configs(head_dim: int, dtype: torch.dtype) -> list[Config]:
     """The tuning candidates for ``head_dim`` (every 16-bit ``dtype`` alike); the first is the
     conservative reference. (Every kernel module has a ``candidate_configs(head_dim, dtype)``.)"""
@@ -446,16 +471,19 @@ def candidate_configs(head_dim: int, dtype: torch.dtype) -> list[Config]:
 
 def _run(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
          lse: torch.Tensor, softmax_scale: float, causal: bool, config: Config | None, grads: Grads,
-         accumulate: bool) -> Grads:
+         accumulate: bool, deterministic: bool = False) -> Grads:
     """Check, preprocess, pick a config (tune when ``config`` is None on CUDA) and launch."""
     scale = _check_inputs(do, q, k, v, out, lse, softmax_scale, causal)
     buffers = _check_grads(q, k, v, grads, accumulate)
-    requested = kernel_path()  # the Gluon path is not wired yet: every request runs the tl kernel
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     p = _preprocess(do, q, k, v, out, lse, scale, causal)
     if config is None:
-        config = _choose_config(p, buffers, accumulate)
-    note_path("flash_bwd", "tl", "(FA3DIST_KERNEL=%s) q=%s k=%s %s causal=%s grads=%s accumulate=%s config=%s",
-              requested, tuple(p.q.shape), tuple(p.k.shape), p.q.dtype, causal, _wanted(buffers), accumulate, config)
+        config = _choose_config(p, buffers, accumulate, deterministic)
+    note_path("flash_bwd", config.get("path", "tl"),
+              "(FA3DIST_KERNEL=%s) q=%s k=%s %s causal=%s grads=%s accumulate=%s deterministic=%s config=%s",
+              kernel_path(), tuple(p.q.shape), tuple(p.k.shape), p.q.dtype, causal, _wanted(buffers), accumulate,
+              deterministic, config)
     return _launch(p, config, buffers, accumulate)
 
 
@@ -466,21 +494,41 @@ def _wanted(buffers: Grads | None) -> str:
     return "dq" if buffers[0] is not None else "dkdv"
 
 
-def _choose_config(p: _Problem, buffers: Grads | None, accumulate: bool) -> Config:
+def _gluon_configs(p: _Problem, buffers: Grads | None, path: str) -> list[Config]:
+    """The Gluon backward's candidates for this call (both dQ ways), or none when it cannot take it
+    (said once when the path is forced). A call for dQ alone never runs it."""
+    reason = gluon_bwd.gluon_bwd_supported(p.q)
+    if reason is None and _wanted(buffers) == "dq":
+        reason = "dQ alone (the tl dQ kernel does that)"
+    if reason is not None:
+        if path == "gluon":
+            warn_once(f"FA3DIST_KERNEL=gluon, but the Gluon backward cannot take this call ({reason}): using tl")
+        return []
+    return [{"path": "gluon", "BLOCK_M": c.block_m, "STAGES": c.stages, "dq": dq}
+            for dq in ("tma_reduce", "separate") for c in gluon_bwd.GLUON_BWD_CONFIGS[p.q.shape[3]]]
+
+
+def _choose_config(p: _Problem, buffers: Grads | None, accumulate: bool, deterministic: bool) -> Config:
     if uses_small_config(p.q):
         return SMALL_CONFIG
     wanted = _wanted(buffers)
-    key = tuning_key("tl_bwd", source_hash(__file__), p.q, p.k, causal=p.causal,
-                     grad_dtype=None if buffers is None else "float32", grads=wanted, accumulate=accumulate)
+    key = tuning_key("flash_bwd", source_hash(__file__) + source_hash(gluon_bwd.__file__), p.q, p.k,
+                     causal=p.causal, grad_dtype=None if buffers is None else "float32", grads=wanted,
+                     accumulate=accumulate, deterministic=deterministic)
+    path = kernel_path()
     candidates = candidate_configs(p.q.shape[3], p.q.dtype)
-    if wanted != "all":  # one gradient alone runs the separate kernels' way: the dQ mode does not matter
+    gluon = [] if path == "tl" else _gluon_configs(p, buffers, path)
+    if wanted != "all" or deterministic:  # dQ alone, dK/dV alone, or no atomics: the separate dQ way
         candidates = [cfg for cfg in candidates if cfg["dq"] == "separate"]
+        gluon = [cfg for cfg in gluon if cfg["dq"] == "separate"]
 
     def trial(cfg: Config) -> list[torch.Tensor]:  # on copies: tuning must not add to the caller's buffers
         copies = None if buffers is None else tuple(None if b is None else b.clone() for b in buffers)
         return [g for g in _launch(p, cfg, copies, accumulate) if g is not None]
 
-    return pick_config(key, candidates, trial)
+    if path == "gluon" and gluon:  # forced: the safe tl config checks the Gluon ones and is not chosen
+        return pick_config({**key, "path": path}, [candidates[0], *gluon], trial, reference_only=True)
+    return pick_config({**key, "path": path}, candidates + gluon, trial)
 
 
 def flash_bwd_config(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -493,17 +541,22 @@ def flash_bwd_config(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 
 def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
               lse: torch.Tensor, *, softmax_scale: float, causal: bool, dq: torch.Tensor | None = None,
-              dk: torch.Tensor | None = None, dv: torch.Tensor | None = None, accumulate: bool = False) -> Grads:
+              dk: torch.Tensor | None = None, dv: torch.Tensor | None = None, accumulate: bool = False,
+              deterministic: bool = False) -> Grads:
     """Attention backward for a given out/lse: dq (like q), dk, dv (like k, v).
 
     q, do, out: (B, Sq, H, D); k, v: (B, Sk, H_kv, D); lse: fp32 (B, H, Sq), natural log. ``out``
     and ``lse`` may come from a larger attention (the ring's merged result): P and delta use them
-    as given. On CUDA (fp16/bf16) the config is tuned and verified once per problem class.
+    as given. On CUDA (fp16/bf16) the config is tuned and verified once per problem class; on sm_90
+    at D = 64 and 128 the candidates include the Gluon kernel (gluon_bwd.py).
 
     Without buffers all three gradients are new contiguous tensors in q's dtype. With buffers
     (float32, shaped like q, k, v; row-slice views of larger buffers allowed) only the gradients
     given are computed: ``dq``, or ``dk`` with ``dv``, or all three. The kernels write them into the
     buffers, or with ``accumulate=True`` add them to what the buffers hold, in fp32 inside the
     kernels. Returns (dq, dk, dv): the buffers, with None for a gradient not asked for.
+
+    ``deterministic=True`` keeps to the kernels whose dQ needs no atomics or reductions in a
+    run-dependent order, so two runs give identical bits (at the cost of two more products per tile).
     """
-    return _run(do, q, k, v, out, lse, softmax_scale, causal, None, (dq, dk, dv), accumulate)
+    return _run(do, q, k, v, out, lse, softmax_scale, causal, None, (dq, dk, dv), accumulate, deterministic)

@@ -89,8 +89,8 @@ def _compile_hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled)
 def compile_all(dims: list[int]) -> None:
     """Make every kernel launch the forward and backward can make at head dims ``dims`` (bf16): each
     tuning candidate plain, into fp32 buffers with accumulation, and (backward) for dK/dV or dQ alone;
-    the Gluon forward's candidates at the head dims it takes."""
-    from fa3dist.kernels import gluon_fwd, triton_bwd, triton_fwd
+    the Gluon forward's and backward's candidates at the head dims they take."""
+    from fa3dist.kernels import gluon_bwd, gluon_fwd, triton_bwd, triton_fwd
 
     for head_dim in dims:
         for causal in (False, True):
@@ -109,6 +109,11 @@ def compile_all(dims: list[int]) -> None:
                 triton_bwd._launch(problem, cfg)
                 for grads in ((dq, dk, dv), (None, dk, dv), (dq, None, None)):
                     triton_bwd._launch(problem, cfg, grads, accumulate=True)
+            for gcfg in gluon_bwd.GLUON_BWD_CONFIGS.get(head_dim, []):
+                args = (problem.q, problem.k, problem.v, problem.do, problem.lse2, problem.delta, 0.1, causal, gcfg)
+                gluon_bwd.gluon_bwd_launch(*args, torch.zeros(q.shape), torch.empty_like(k), torch.empty_like(v), False)
+                gluon_bwd.gluon_bwd_launch(*args, dq, dk, dv, True)
+                gluon_bwd.gluon_bwd_launch(*args, None, dk, dv, True)
 
 
 def compare(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> tuple[list[str], list[str]]:

@@ -1,30 +1,35 @@
 #!/usr/bin/env bash
-# One device call for the Gluon forward on an H200: a smoke launch (killed if it hangs), the GPU
-# tests, then the config sweep against cuDNN / tl / fa3. Results and logs under $OUT.
-# Usage: bash tools/device_gluon.sh [TEST_TIMEOUT] [SWEEP_TIMEOUT] [SWEEP_ARGS...]
+# One device call for the Gluon kernels on an H200: the steps named, in order, each under a timeout.
+# Usage (on the device, from the repo root): bash tools/device_gluon.sh STEP...
+#   smoke       tools/gluon_smoke.py: one small launch of each Gluon kernel (a hang stops the call here)
+#   tests       the Gluon GPU tests (tests/gpu/test_gluon_{fwd,bwd}_gpu.py)
+#   sweep-fwd   tools/gluon_sweep.py --pass fwd $SWEEP_ARGS
+#   sweep-bwd   tools/gluon_sweep.py --pass bwd $SWEEP_ARGS
+# With fa3's wheels installed (tools/device_session.sh fa3) the sweeps time fa3 too.
+# Logs and sweep JSON go to $OUT (bundle.tgz); the sweep tables are printed last.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1
-TEST_TIMEOUT=${1:-240}; SWEEP_TIMEOUT=${2:-200}; shift 2 2>/dev/null
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/logs/gpu.txt"
 python3 -m pip install -q -e . --no-deps --no-build-isolation > /dev/null 2>&1
-timeout -s KILL 120 python3 - <<'PY' 2>&1 | tee "$OUT/smoke.txt"
-import torch
-from fa3dist.kernels import gluon_fwd as gf
-from fa3dist.kernels.numerics import relative_error
-from fa3dist.kernels.reference import reference_fwd
-for d in gf.GLUON_HEAD_DIMS:
-    for causal in (False, True):
-        q, k, v = (torch.randn(1, 700, 4, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        out = torch.full_like(q, float("nan")); lse = torch.empty(1, 4, 700, device="cuda")
-        gf.gluon_launch(q, k, v, d ** -0.5, causal, gf.GLUON_CONFIGS[d][0], out, lse, False)
-        torch.cuda.synchronize()
-        ref, ref_lse = reference_fwd(q.double(), k.double(), v.double(), softmax_scale=d ** -0.5, causal=causal)
-        print(f"smoke D={d} causal={causal}: out err {relative_error(out, ref):.3g}, lse err {relative_error(lse, ref_lse):.3g}")
-PY
-rc=${PIPESTATUS[0]}
-if [ "$rc" != 0 ]; then echo "smoke failed or hung (rc $rc): stopping"; exit 1; fi
-timeout -s KILL "$TEST_TIMEOUT" python3 -m pytest tests/gpu/test_gluon_fwd_gpu.py -q -x -p no:cacheprovider \
-  > "$OUT/gluon_tests.txt" 2>&1; echo "tests rc $?"; tail -25 "$OUT/gluon_tests.txt"
-timeout -s KILL "$SWEEP_TIMEOUT" python3 tools/gluon_sweep.py --out "$OUT/gluon_sweep.json" "$@" \
-  > "$OUT/gluon_sweep.txt" 2>&1; echo "sweep rc $?"; grep "^D=" "$OUT/gluon_sweep.txt" || tail -20 "$OUT/gluon_sweep.txt"
+run() {  # name, timeout, command...
+  local name=$1 limit=$2; shift 2
+  echo "== $(date +%T) $name" | tee -a "$OUT/logs/steps.txt"
+  timeout -s KILL "$limit" "$@" > "$OUT/logs/$name.txt" 2>&1; local rc=$?
+  echo "$name rc $rc" | tee -a "$OUT/logs/steps.txt"; tail -${TAIL:-6} "$OUT/logs/$name.txt"
+  return $rc
+}
+for step in "$@"; do
+  case $step in
+    smoke) TAIL=12 run smoke "${SMOKE_TIMEOUT:-150}" python3 tools/gluon_smoke.py || { echo "smoke failed: stopping"; break; } ;;
+    tests) run tests "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider --maxfail=5 \
+             ${TEST_FILES:-tests/gpu/test_gluon_bwd_gpu.py tests/gpu/test_gluon_fwd_gpu.py} ;;
+    sweep-fwd|sweep-bwd) pass=${step#sweep-}
+             TAIL=0 run "$step" "${SWEEP_TIMEOUT:-240}" python3 tools/gluon_sweep.py --pass "$pass" \
+               --out "$OUT/logs/gluon_sweep_$pass.json" ${SWEEP_ARGS:-} ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
+grep -h "^fwd D=\|^bwd D=" "$OUT"/logs/sweep-*.txt 2>/dev/null
+tar czf "$OUT/bundle.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"

@@ -1,9 +1,12 @@
-"""Check and time every Gluon forward config against cuDNN, our tuned ``tl`` kernel and FA3 (when installed).
+"""Check and time every Gluon config, forward or backward, against cuDNN, our tuned ``tl`` kernel and FA3
+(when installed).
 
-One device call: ``python tools/gluon_sweep.py --out $OUT/gluon_sweep.json``. Each cell draws fresh
-inputs; a config is timed only after its output matched float64 within 1.5x cuDNN's error. Figures are
-TFLOP/s as the FlashAttention papers count them (forward 4*B*H*S^2*D, halved when causal), medians of
-``triton.testing.do_bench``, all implementations in the same process.
+One device call: ``python tools/gluon_sweep.py --pass bwd --out $OUT/gluon_sweep_bwd.json``. Each cell
+draws fresh inputs; an implementation is timed only after its output (forward: out; backward: dq, dk
+and dv for cuDNN's out/LSE) matched float64 within 1.5x cuDNN's error, or, for cells too big for a
+float64 reference, cuDNN within 1e-2. Figures are TFLOP/s as the FlashAttention papers count them
+(forward 4*B*H*S^2*D, halved when causal; backward 2.5x that), medians of ``triton.testing.do_bench``,
+all implementations in the same process.
 """
 
 from __future__ import annotations
@@ -12,64 +15,101 @@ import argparse
 import json
 import math
 import os
+from collections.abc import Callable
 
 import torch
 
 from fa3dist.bench.common import attention_flops, run_meta, time_ms
-from fa3dist.kernels import gluon_fwd, triton_fwd
+from fa3dist.kernels import gluon_bwd, gluon_fwd, triton_bwd, triton_fwd
 from fa3dist.kernels.fa3 import unavailable_reason
 from fa3dist.kernels.numerics import relative_error
-from fa3dist.kernels.reference import reference_fwd
-from fa3dist.kernels.sdpa import cudnn_fwd
+from fa3dist.kernels.reference import reference_bwd, reference_fwd
+from fa3dist.kernels.sdpa import cudnn_bwd, cudnn_fwd
 
 CELLS = [  # (B, S, H, H_kv, D, causal)
     *((16384 // s, s, 2048 // d, 2048 // d, d, c) for d in (128, 64, 256) for s in (16384, 1024) for c in (False, True)),
     (1, 32768, 32, 8, 128, True), (1, 131072, 32, 8, 128, True),
 ]
+Impl = Callable[[], tuple[torch.Tensor, ...]]
 
 
 def _time(fn, args) -> float:
     return time_ms(fn, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
 
 
+def _fwd_impls(q, k, v, scale, causal, fa3) -> dict[str, Impl]:
+    impls: dict[str, Impl] = {"cudnn": lambda: cudnn_fwd(q, k, v, softmax_scale=scale, causal=causal)[:1]}
+    os.environ["FA3DIST_KERNEL"] = "tl"
+    triton_fwd.flash_fwd(q, k, v, softmax_scale=scale, causal=causal)  # tune the tl path
+    impls["tl"] = lambda: triton_fwd.flash_fwd(q, k, v, softmax_scale=scale, causal=causal)[:1]
+    if fa3 is not None:
+        impls["fa3"] = lambda: fa3.fa3_fwd(q, k, v, softmax_scale=scale, causal=causal)[:1]
+    for cfg in gluon_fwd.GLUON_CONFIGS.get(q.shape[-1], []):
+        out = torch.full_like(q, float("nan"))
+        lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device="cuda")
+        name = f"gluon {cfg.block_n}/{cfg.stages}/{'pp' if cfg.pingpong else 'no-pp'}{'/ss' if cfg.p_smem else ''}"
+        impls[name] = lambda cfg=cfg, out=out, lse=lse: gluon_fwd.gluon_launch(q, k, v, scale, causal, cfg, out, lse,
+                                                                              False)[:1]
+    return impls
+
+
+def _bwd_impls(q, k, v, scale, causal, fa3, do, out, lse) -> dict[str, Impl]:
+    args = (do, q, k, v, out, lse)
+    opts = dict(softmax_scale=scale, causal=causal)
+    impls: dict[str, Impl] = {"cudnn": lambda: cudnn_bwd(*args, **opts)}
+    os.environ["FA3DIST_KERNEL"] = "tl"
+    triton_bwd.flash_bwd(*args, **opts)  # tune the tl path
+    impls["tl"] = lambda: triton_bwd.flash_bwd(*args, **opts)
+    if fa3 is not None:
+        impls["fa3"] = lambda: fa3.fa3_bwd(*args, **opts)
+    for cfg in gluon_bwd.GLUON_BWD_CONFIGS.get(q.shape[-1], []):
+        for dq in ("tma_reduce", "separate"):
+            config = {"path": "gluon", "BLOCK_M": cfg.block_m, "STAGES": cfg.stages, "dq": dq}
+            impls[f"gluon {cfg.block_m}/{cfg.stages}/{dq}"] = (
+                lambda config=config: triton_bwd.flash_bwd_config(*args, **opts, config=config))
+    return impls
+
+
 def sweep(args) -> list[dict]:
     rows = []
     fa3 = None
     if unavailable_reason() is None:
-        from fa3dist.kernels.fa3 import fa3_fwd as fa3
+        from fa3dist.kernels import fa3
     for batch, seq, heads, kv_heads, dim, causal in CELLS:
-        if args.head_dims and dim not in args.head_dims:
+        if (args.head_dims and dim not in args.head_dims) or (args.seq_lens and seq not in args.seq_lens):
             continue
         gen = torch.Generator(device="cuda").manual_seed(seq + dim + causal)
         q = torch.randn(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
         k, v = (torch.randn(batch, seq, kv_heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
                 for _ in range(2))
         scale = 1 / math.sqrt(dim)
-        flops = attention_flops(batch, heads, seq, dim, causal, "fwd")
-        base = {"B": batch, "S": seq, "H": heads, "Hkv": kv_heads, "D": dim, "causal": causal}
-        cudnn_out = cudnn_fwd(q, k, v, softmax_scale=scale, causal=causal)[0]
-        if batch * heads * seq * seq <= 2 ** 31:  # float64 scores up to 16 GB: check against float64
-            ref = reference_fwd(q.double(), k.double(), v.double(), softmax_scale=scale, causal=causal)[0]
-            bound = 1.5 * relative_error(cudnn_out, ref) + 1e-4
+        flops = attention_flops(batch, heads, seq, dim, causal, args.pass_)
+        base = {"B": batch, "S": seq, "H": heads, "Hkv": kv_heads, "D": dim, "causal": causal, "pass": args.pass_}
+        out, lse = cudnn_fwd(q, k, v, softmax_scale=scale, causal=causal)
+        if args.pass_ == "fwd":
+            impls = _fwd_impls(q, k, v, scale, causal, fa3)
+        else:
+            do = torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=gen)
+            impls = _bwd_impls(q, k, v, scale, causal, fa3, do, out, lse)
+        theirs = impls["cudnn"]()
+        small = batch * heads * seq * seq <= (2 ** 31 if args.pass_ == "fwd" else 2 ** 29)
+        if small:  # float64 scores up to 16 GB (forward) or 4 GB (backward, three of them)
+            q64, k64, v64 = q.double(), k.double(), v.double()
+            if args.pass_ == "fwd":
+                ref = reference_fwd(q64, k64, v64, softmax_scale=scale, causal=causal)[:1]
+            else:
+                ref = reference_bwd(do.double(), q64, k64, v64, out.double(), lse.double(), softmax_scale=scale,
+                                    causal=causal)
+            bound = 1.5 * max(relative_error(a, b) for a, b in zip(theirs, ref)) + 1e-4
         else:  # too big for the float64 reference: agree with cuDNN as closely as two bf16 kernels do
-            ref, bound = cudnn_out, 1e-2
-        impls = {"cudnn": lambda: cudnn_fwd(q, k, v, softmax_scale=scale, causal=causal)}
-        os.environ["FA3DIST_KERNEL"] = "tl"
-        triton_fwd.flash_fwd(q, k, v, softmax_scale=scale, causal=causal)  # tune the tl path
-        impls["tl"] = lambda: triton_fwd.flash_fwd(q, k, v, softmax_scale=scale, causal=causal)
-        if fa3 is not None:
-            impls["fa3"] = lambda: fa3(q, k, v, softmax_scale=scale, causal=causal)
-        for cfg in gluon_fwd.GLUON_CONFIGS[dim]:
-            out = torch.full_like(q, float("nan"))
-            lse = torch.empty(batch, heads, seq, device="cuda")
-            impls[f"gluon {cfg.block_n}/{cfg.stages}/{'pp' if cfg.pingpong else 'no-pp'}{'/ss' if cfg.p_smem else ''}"] = (
-                lambda cfg=cfg, out=out, lse=lse: gluon_fwd.gluon_launch(q, k, v, scale, causal, cfg, out, lse, False))
+            ref, bound = theirs, 1e-2
         for name, fn in impls.items():
             row = {**base, "impl": name}
             try:
-                got = fn()[0]
+                got = fn()
                 torch.cuda.synchronize()
-                row.update(rel_err=relative_error(got, ref), bound=bound, against="float64" if ref is not cudnn_out else "cudnn")
+                row.update(rel_err=max(relative_error(a, b) for a, b in zip(got, ref)), bound=bound,
+                           against="float64" if small else "cudnn")
                 if not row["rel_err"] <= bound:
                     raise AssertionError(f"disagrees with {row['against']}")
                 ms = _time(fn, args)
@@ -78,7 +118,7 @@ def sweep(args) -> list[dict]:
                 row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
             rows.append(row)
             print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()}, flush=True)
-        del q, k, v, ref, cudnn_out
+        del q, k, v, ref, theirs, impls
         torch.cuda.empty_cache()
     return rows
 
@@ -86,7 +126,9 @@ def sweep(args) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--pass", dest="pass_", choices=("fwd", "bwd"), default="fwd")
     parser.add_argument("--head-dims", type=int, nargs="*")
+    parser.add_argument("--seq-lens", type=int, nargs="*")
     parser.add_argument("--warmup-ms", type=float, default=25)
     parser.add_argument("--rep-ms", type=float, default=100)
     args = parser.parse_args()
@@ -96,13 +138,13 @@ def main() -> None:
     cells = sorted({(r["D"], r["S"], r["B"], r["H"], r["Hkv"], r["causal"]) for r in rows})
     for cell in cells:
         found = {r["impl"]: r.get("tflops") for r in rows if (r["D"], r["S"], r["B"], r["H"], r["Hkv"], r["causal"]) == cell}
-        best = max((t, n) for n, t in found.items() if n.startswith("gluon") and t) if any(
-            n.startswith("gluon") and t for n, t in found.items()) else (None, None)
+        gluon = [(t, n) for n, t in found.items() if n.startswith("gluon") and t]
+        best = max(gluon) if gluon else (None, None)
         line = " ".join(f"{n}={t:.0f}" if t else f"{n}=ERR" for n, t in found.items())
         ratio = f" best gluon/cudnn={best[0] / found['cudnn']:.3f}" if best[0] and found.get("cudnn") else ""
         if best[0] and found.get("fa3"):
             ratio += f" /fa3={best[0] / found['fa3']:.3f}"
-        print(f"D={cell[0]} S={cell[1]} B={cell[2]} H={cell[3]}/{cell[4]} causal={cell[5]}: {line}{ratio}")
+        print(f"{args.pass_} D={cell[0]} S={cell[1]} B={cell[2]} H={cell[3]}/{cell[4]} causal={cell[5]}: {line}{ratio}")
 
 
 if __name__ == "__main__":
