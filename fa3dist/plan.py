@@ -185,12 +185,13 @@ def head_layout(heads: int, kv_heads: int, size: int) -> tuple[int, int] | None:
 def _ring_bytes_per_token(heads: int, kv_heads: int, head_dim: int, elt: int, ring_size: int) -> float:
     """Peak bytes per local token of the ring's forward and backward with a kernel that accumulates in
     place (fa3dist.ring.ring's docstring): q, dO, out, k, v and the LSEs; the fp32 dQ accumulator,
-    the K/V blocks in flight, two fp32 dK/dV accumulators. One rank: the kernel's dq, dk, dv instead."""
+    the K/V blocks in flight, two fp32 dK/dV accumulators and the fp32 dK/dV scratch of a whole
+    block (the largest rank's). One rank: the kernel's dq, dk, dv instead."""
     inputs = (3 * heads + 2 * kv_heads) * head_dim * elt + 2 * heads * 4
     if ring_size == 1:
         return inputs + (heads + 2 * kv_heads) * head_dim * elt
     blocks = 1 if ring_size == 2 else 2
-    return inputs + heads * head_dim * 4 + blocks * 2 * kv_heads * head_dim * elt + 4 * kv_heads * head_dim * 4
+    return inputs + heads * head_dim * 4 + blocks * 2 * kv_heads * head_dim * elt + 6 * kv_heads * head_dim * 4
 
 
 def bytes_per_token(problem: Problem, head_group_size: int, ring_size: int) -> float:
@@ -475,7 +476,7 @@ def projection_markdown(cfg: PlanConfig, result: dict[str, list[dict[str, Any]]]
              f"{'forward and backward' if cfg.backward else 'forward only'}, {cfg.layout}. \"longest context\" is "
              f"the longest sequence whose one attention layer (forward and backward, inputs and gradients "
              f"included, nothing else) fits {cfg.memory_gib:g} GiB per GPU, from the peak bytes per local token of "
-             f"``fa3dist.plan.bytes_per_token`` (the ring's 64-68 KiB at H=32/8, D=128, bf16).")
+             f"``fa3dist.plan.bytes_per_token`` (the ring's 72-76 KiB at H=32/8, D=128, bf16).")
     header = ["GPUs", "tokens/GPU", "S", "scheme", "G x N", "TFLOP/s/GPU", "efficiency", "not hidden ms",
               "all-to-all ms", "KiB/token", "longest context", "model's choice"]
     body = [[r["world_size"], _tokens(r["tokens_per_gpu"]), _tokens(r["S"]), r["scheme"],

@@ -27,8 +27,9 @@ class Backend:
     ``bwd_accumulates``. The buffers are float32 (float64 for float64 inputs), shaped like q, k and
     v (row-slice views allowed). ``bwd`` adds the block's gradients into them (``accumulate=True``)
     or writes them (False), computes only the gradients whose buffers it is given (dk and dv come
-    together), and returns (dq, dk, dv) with None for a gradient not asked for. The ring asks for
-    dK/dV and for dQ in two calls per step, so that it can send dK/dV on before the dQ work.
+    together), and returns (dq, dk, dv) with None for a gradient not asked for. The ring asks for all
+    three in one call per step: dQ into its accumulator, dK/dV into a zeroed scratch of the block
+    (at step 0 into the new dK/dV accumulator), all with one ``accumulate``.
     """
 
     name: str

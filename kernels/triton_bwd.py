@@ -28,9 +28,9 @@ Algorithm (FA2/FA3 backward, key-block-major):
    ``accumulate=True`` added to what they hold, inside the kernels: the dK/dV epilogue and the
    separate dQ kernel's epilogue load the tile, add and store it (each program owns its tile); the
    atomic dQ modes scale each tile and add it straight into the caller's buffer. This is the
-   ring's backward: every step adds its block's gradients in fp32, never a rounded copy. A call
-   given only ``dq`` runs only the dQ kernel, one given only ``dk`` and ``dv`` only the dK/dV
-   kernel (the ring sends dK/dV on before its dQ work).
+   ring's backward: every step adds its block's gradients in fp32, never a rounded copy (dQ into
+   the ring's accumulator, dK/dV into a scratch it adds to the travelling one). A call given only
+   ``dq`` runs only the dQ kernel, one given only ``dk`` and ``dv`` only the dK/dV kernel.
 
 Tiles move through 4-D tensor descriptors (TMA on Hopper) over (B, H, S, D) strides of the
 (B, S, H, D) tensors, with the head dim padded to a power of two; out-of-bounds rows and columns

@@ -95,17 +95,14 @@ class _LoggingRing(LoopbackRing):
 
 
 @pytest.mark.parametrize("accumulating", [True, False], ids=["bwd-accumulates", "bwd-returns"])
-def test_backward_sends_dkv_on_before_the_dq_work_and_waits_only_when_needed(accumulating):
-    """Per step: post K/V; wait for the arriving dK/dV only before adding into it; send it on; then
-    the dQ work; wait for K/V last. The last step sends dK/dV home before its dQ work."""
+def test_backward_makes_one_kernel_call_per_step_and_waits_for_dkv_only_after_it(accumulating):
+    """Per step: post K/V; one kernel call for dQ, dK and dV (into buffers when the backend accumulates);
+    only then wait for the arriving dK/dV, add into it and send it on; wait for K/V last."""
     log: list[str] = []
     backend = _reference(accumulating)
 
     def bwd(*args, dq=None, dk=None, dv=None, **kwargs):
-        if dq is None and dk is None:
-            log.append("bwd")
-            return backend.bwd(*args, **kwargs)
-        log.append("bwd dq" if dq is not None else "bwd dkv")
+        log.append(" ".join(["bwd", *(n for n, b in (("dq", dq), ("dk", dk), ("dv", dv)) if b is not None)]))
         return backend.bwd(*args, dq=dq, dk=dk, dv=dv, **kwargs)
 
     spy = dataclasses.replace(backend, bwd=bwd)
@@ -113,12 +110,8 @@ def test_backward_sends_dkv_on_before_the_dq_work_and_waits_only_when_needed(acc
     out, lse = spy.fwd(x, x, x, softmax_scale=0.3, causal=True)
     ring_backward(x, x, x, x, out, lse, _LoggingRing(1, 3, log), backend=spy, softmax_scale=0.3, causal=True,
                   layout="zigzag")
-    if accumulating:
-        steps = [["send kv", "bwd dkv", "send dkv", "bwd dq", "wait kv"],
-                 ["send kv", "wait dkv", "bwd dkv", "send dkv", "bwd dq", "wait kv"],
-                 ["wait dkv", "bwd dkv", "send dkv", "bwd dq"]]
-    else:  # dQ comes with dK/dV from one call; its add into the accumulator still follows the send
-        steps = [["send kv", "bwd", "send dkv", "wait kv"],
-                 ["send kv", "bwd", "wait dkv", "send dkv", "wait kv"],
-                 ["bwd", "wait dkv", "send dkv"]]
+    call = "bwd dq dk dv" if accumulating else "bwd"
+    steps = [["send kv", call, "send dkv", "wait kv"],
+             ["send kv", call, "wait dkv", "send dkv", "wait kv"],
+             [call, "wait dkv", "send dkv"]]
     assert log == [event for step in steps for event in step] + ["wait dkv"]

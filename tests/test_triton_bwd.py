@@ -260,7 +260,7 @@ def _filled(*shape: int, seed: int) -> torch.Tensor:
 
 
 def _bwd_into(block: tuple, scale: float, causal: bool, cfg: dict, dq, dk, dv, accumulate: bool, split: bool):
-    """One backward call into the buffers, or (``split``) two as the ring makes them: dK/dV, then dQ."""
+    """One backward call into the buffers, or (``split``) two asking for subsets: dK/dV, then dQ."""
     opts = dict(softmax_scale=scale, causal=causal, config=cfg, accumulate=accumulate)
     if not split:
         got = flash_bwd_config(*block, dq=dq, dk=dk, dv=dv, **opts)

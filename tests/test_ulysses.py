@@ -185,17 +185,20 @@ def test_bad_group_shapes_raise_the_same_clear_error_on_every_rank():
 
 def test_memory_model_matches_the_measured_peak():
     """``fa3dist.plan.bytes_per_token`` (which the projection's longest context uses) against the
-    peak measured on 4 ranks (2 nodes x 2) for every scheme, at H=32, H_kv=8, D=128, bf16."""
+    peak measured on 4 ranks (2 nodes x 2) for every scheme, at H=32, H_kv=8, D=128, bf16. The model
+    is the largest rank's peak: with the ring some ranks need only half the backward's dK/dV scratch
+    (4 KiB less here)."""
     from fa3dist.plan import Problem, bytes_per_token
 
     problem = Problem(batch=1, seq_len=256, heads=32, kv_heads=8, head_dim=128)
     model = {"flat": bytes_per_token(problem, 1, 4) / 1024, "ulysses": bytes_per_token(problem, 4, 1) / 1024,
              "hierarchical": bytes_per_token(problem, 2, 2) / 1024}
-    assert model["flat"] == 68.25  # the ring's docstring
-    for rank, results in enumerate(_scheme_errors(4, 2)):
-        for scheme, measured in results["peak KiB per token"].items():
-            assert 0.97 * model[scheme] <= measured <= 1.01 * model[scheme], \
-                f"rank {rank} {scheme}: measured {measured} KiB per token, model {model[scheme]}"
+    assert model["flat"] == 76.25  # the ring's docstring
+    per_rank = [results["peak KiB per token"] for results in _scheme_errors(4, 2)]
+    for scheme, expected in model.items():
+        measured = [peaks[scheme] for peaks in per_rank]
+        assert 0.97 * expected <= max(measured) <= 1.01 * expected and min(measured) >= 0.9 * expected, \
+            f"{scheme}: measured {measured} KiB per token on ranks 0-3, model {expected}"
 
 
 def test_schemes_in_one_process():

@@ -7,21 +7,28 @@ when the backend can, as the Triton one does), and only then waits for the next 
 transfer overlaps the kernel.
 
 The backward sends K/V round again, together with the block's fp32 dK/dV accumulator; after W
-steps every accumulator is back at its owner. At each step the accumulator that arrived is needed
-first: the step's dK/dV go into it (inside the kernel when the backend can; ``bwd_accumulates``)
-and it is sent on at once; the step's dQ work follows and hides that transfer. The last step
-thereby returns each accumulator to its owner before its own dQ work. dQ accumulates in an fp32
-buffer that never travels.
+steps every accumulator is back at its owner. Each step makes one kernel call for dQ, dK and dV of
+the block. dQ accumulates in an fp32 buffer that never travels (inside the kernel when the backend
+can; ``bwd_accumulates``). dK/dV go into a zeroed fp32 scratch of the block (or come back from the
+kernel); only after the kernel does the step wait for the arriving accumulator, add them into it
+and send it on, so that its transfer hides behind the whole next kernel (the last transfer, home,
+behind nothing of the ring's). Step 0 has nothing to wait for and writes the new accumulator
+directly. The scratch costs memory but saves a second kernel call per step: a dK/dV-only and a
+dQ-only call each run the preprocess (delta) and together cost 4 + 3 matrix products per tile
+against 5 for one fused call.
 
 Memory per local token beyond q, k, v, dO, out and the gradients (H query and H_kv K/V heads of
 dim D, element size s): the fp32 dQ accumulator (4·H·D bytes); the arriving K/V block and, from
 W = 3 on, the one in hand besides the local one (4·H_kv·D·s each); two fp32 dK/dV accumulators,
-one leaving and one arriving (8·H_kv·D each); for a backend that returns its gradients also one
-block's dQ, dK, dV. Each is freed after its last use. At H = 32, H_kv = 8, D = 128 in bf16 one
-fwd+bwd peaks at 64 KiB per local token at W = 2 and 68 KiB from W = 3 on with in-kernel
-accumulation, 74-78 KiB without (inputs and gradients included; tests/test_ring_distributed.py,
-on the CPU with a stand-in backend that allocates only a kernel's outputs). Real kernels add their
-work buffers: on 2 H200s at W = 2 the ring peaked at 87 KiB with fa3 and 92 KiB with cuDNN.
+one leaving and one arriving (8·H_kv·D each); during the kernel the fp32 dK/dV scratch (8·H_kv·D
+per token of the block: all of it, or half at the zigzag steps that use the first K/V chunk) or,
+for a backend that returns its gradients, one block's dQ, dK, dV. Each is freed after its last
+use. At H = 32, H_kv = 8, D = 128 in bf16 one fwd+bwd peaks at 72 KiB per local token at W = 2 and
+76 KiB from W = 3 on with in-kernel accumulation (up to 4 KiB less on other ranks, whose steps
+with a whole K/V block come last or not at all), 74-78 KiB without (inputs and gradients included;
+tests/test_ring_distributed.py, on the CPU with a stand-in backend that allocates only a kernel's
+outputs). Real kernels add their work buffers: on 2 H200s at W = 2 the ring peaked at 87 KiB with
+fa3 and 92 KiB with cuDNN.
 """
 
 from __future__ import annotations
@@ -103,6 +110,7 @@ def ring_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     seq = q.shape[1]
     # step 0 (the local block) covers every row, so it writes these instead of adding
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
+    dkv = torch.empty((2, *k.shape), dtype=acc, device=q.device)
     kv = [k.contiguous(), v.contiguous()]
     pending_dkv = None
     for step in range(ring.world_size):
@@ -110,34 +118,32 @@ def ring_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         pending_kv = None if last else ring.send_recv(kv, channel=0)
         task = block_task(ring.rank, source_rank(ring.rank, step, ring.world_size), seq,
                           layout=layout, causal=causal)
-        accumulate = step > 0
+        dq_b = dkv_b = None  # this step's gradients still to add into the accumulators
         if task is not None:
             rows, kv_rows = task.q_rows, task.kv_rows
             block = (do[:, rows], q[:, rows], kv[0][:, kv_rows], kv[1][:, kv_rows], out[:, rows], lse[:, :, rows])
             opts = dict(softmax_scale=softmax_scale, causal=task.causal)
-            if not backend.bwd_accumulates:  # needs no accumulator: runs while it arrives
-                dq_b, dk_b, dv_b = backend.bwd(*block, **opts)
-        if pending_dkv is None:
-            dkv = torch.empty((2, *k.shape), dtype=acc, device=q.device)
-        else:
+            if not backend.bwd_accumulates:
+                dq_b, *dkv_b = backend.bwd(*block, **opts)
+            elif step == 0:  # nothing to wait for: into the new accumulator
+                backend.bwd(*block, **opts, dq=dq, dk=dkv[0], dv=dkv[1])
+            else:  # dK/dV into a zeroed scratch, so that the kernel need not wait for the accumulator
+                dkv_b = torch.zeros((2, *block[2].shape), dtype=acc, device=q.device)
+                backend.bwd(*block, **opts, dq=dq[:, rows], dk=dkv_b[0], dv=dkv_b[1], accumulate=True)
+            del block
+        if pending_dkv is not None:
             (dkv,) = pending_dkv.wait()  # needed now: this step's dK/dV go into it
             pending_dkv = None  # let the accumulator sent last step go
-        if task is not None:
-            if backend.bwd_accumulates:
-                backend.bwd(*block, **opts, dk=dkv[0][:, kv_rows], dv=dkv[1][:, kv_rows], accumulate=accumulate)
-            else:
-                _write(dkv[0][:, kv_rows], dk_b, accumulate)
-                _write(dkv[1][:, kv_rows], dv_b, accumulate)
-                del dk_b, dv_b
-        pending_dkv = ring.send_recv([dkv], channel=1)  # on to the next rank; after the last step, home
+        if dkv_b is not None:
+            _write(dkv[0][:, kv_rows], dkv_b[0], step > 0)
+            _write(dkv[1][:, kv_rows], dkv_b[1], step > 0)
+            dkv_b = None  # free the scratch
+        # on to the next rank (after the last step, home): the transfer hides behind the next step's kernel
+        pending_dkv = ring.send_recv([dkv], channel=1)
         del dkv
-        if task is not None:  # the dQ work hides the dK/dV transfer
-            if backend.bwd_accumulates:
-                backend.bwd(*block, **opts, dq=dq[:, rows], accumulate=accumulate)
-            else:
-                _write(dq[:, rows], dq_b, accumulate)
-                del dq_b
-            del block
+        if dq_b is not None:
+            _write(dq[:, rows], dq_b, step > 0)
+            del dq_b
         if pending_kv is not None:
             kv = pending_kv.wait()
             del pending_kv  # let the block just sent go

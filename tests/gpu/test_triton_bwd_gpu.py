@@ -139,7 +139,7 @@ def test_external_out_lse_split_keys_bf16(mode):
 
 def _into_buffers(do, q, k, v, out, lse, scale, halves, split: bool, **kwargs):
     """Gradients of key blocks ``halves`` accumulated in fp32 inside the kernels, dK/dV into views of
-    one stacked buffer as the ring's; ``split`` makes the ring's two calls per block (dK/dV, dQ)."""
+    one stacked buffer as the ring's; ``split`` makes two calls per block (dK/dV, dQ)."""
     dq = torch.zeros(q.shape, device="cuda")
     dkv = torch.zeros(2, *k.shape, device="cuda")
     for sl in halves:
