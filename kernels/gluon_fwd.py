@@ -297,6 +297,9 @@ def _epilogue(acc, m_i, l_i, rows, batch, head, o_ptr, lse_ptr, s_ob, s_os, s_oh
               o_layout: gl.constexpr, HEAD_DIM: gl.constexpr, ACCUMULATE: gl.constexpr):
     """out = acc / l and lse (natural log), merged into what ``out``/``lse`` hold when ACCUMULATE."""
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    # Torch strides are never negative: the int64 offsets zero-extend them, which takes no register (ptxas
+    # hoists a sign extension to the kernel's entry, ahead of the partitions, and had to spill it there).
+    gl.assume((s_ob >= 0) & (s_os >= 0) & (s_oh >= 0) & (s_lb >= 0) & (s_lh >= 0))
     has_keys = l_i > 0.0
     lse2 = gl.where(has_keys, m_i + gl.log2(l_i), float("-inf"))
     inv = gl.convert_layout(1.0 / gl.where(has_keys, l_i, 1.0), o_rows)
