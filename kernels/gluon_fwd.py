@@ -15,7 +15,12 @@ The FA3 algorithm written out, with the parts plain ``tl`` hides made explicit:
 - Async ``warpgroup_mma`` with intra-warpgroup overlap: a consumer issues S_j = Q K_j^T and then
   O += P_{j-1} V_{j-1} without waiting, waits only for S_j, and runs the softmax of block j while
   the tensor cores finish P_{j-1} V_{j-1}; the rescale of O follows that product's completion.
-  P goes to the second product from registers (the wgmma A operand), never through shared memory.
+  P goes to the second product from registers (the wgmma A operand) or, with ``P_SMEM``, through
+  shared memory. ptxas would hoist the wait for P V above the exponentials (nothing it sees orders
+  them), so each consumer stores its new row sums, which need every exponential of the block, to a
+  shared buffer nobody reads just before that wait: ptxas keeps shared-memory stores ahead of a
+  later wgmma wait, so the whole softmax stays inside the window (tools/sass_overlap.py), at two
+  ``st.shared`` and one warpgroup barrier (Triton's, for the rewrite) per block.
 - Ping-pong (``PINGPONG``): two mbarriers hand the tensor cores from one consumer to the other, so
   one warpgroup's GEMMs run while the other does its softmax.
 - A persistent grid: one CTA per SM walks the tiles; the loader fetches the next tile's Q while the
@@ -170,8 +175,7 @@ def _pass_turn(turn, me: gl.constexpr, PINGPONG: gl.constexpr):
 def _p_operand(p, p_buf, p_layout: gl.constexpr, P_SMEM: gl.constexpr):
     """P (fp16/bf16) as the A operand of P V: in registers (RS), or stored to this consumer's shared buffer (SS).
 
-    With RS, ptxas waits for the in-flight P V before the next softmax writes P's registers; with SS the
-    softmax never touches what the tensor cores read, and only the store waits for the product.
+    It comes after the wait for the in-flight P V, whose operand (those registers, or the buffer) it replaces.
     """
     if P_SMEM:
         p_buf.store(p)
@@ -182,8 +186,8 @@ def _p_operand(p, p_buf, p_layout: gl.constexpr, P_SMEM: gl.constexpr):
 
 
 @gluon.jit
-def _kv_loop(acc, alpha, m_i, l_i, p, p_buf, q, k_smem, v_smem, bars, it, turns, n_lo, n_hi, rows, seq_k, qk_scale,
-             me: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+def _kv_loop(acc, alpha, m_i, l_i, p, p_buf, l_sink, q, k_smem, v_smem, bars, it, turns, n_lo, n_hi, rows, seq_k,
+             qk_scale, me: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_N: gl.constexpr,
              STAGES: gl.constexpr, CAUSAL: gl.constexpr, MASKED: gl.constexpr, PINGPONG: gl.constexpr,
              P_SMEM: gl.constexpr):
     """Steady state over key blocks [n_lo, n_hi): S_n and P_{n-1} V_{n-1} in flight together.
@@ -191,7 +195,8 @@ def _kv_loop(acc, alpha, m_i, l_i, p, p_buf, q, k_smem, v_smem, bars, it, turns,
     On entry ``p`` holds P of block n_lo - 1 (already in ``l_i``/``m_i``), whose V is in stage
     (it - 1) % STAGES and whose product with V is still to be issued; ``alpha`` is the rescale O
     owes for that block's new row maximum. O is rescaled while S_n runs, before P V is issued,
-    and nothing touches O between the wait for P V and the next iteration (FA3's order).
+    and nothing touches O between the wait for P V and the next iteration (FA3's order). ``l_sink``
+    takes the row sums just before that wait, only to keep ptxas from hoisting it above the softmax.
     """
     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn = bars
     ROWS: gl.constexpr = q.shape[0]
@@ -211,6 +216,7 @@ def _kv_loop(acc, alpha, m_i, l_i, p, p_buf, q, k_smem, v_smem, bars, it, turns,
         mbarrier.arrive(k_empty.index(stage), count=1)
         p_new, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, rows, n, seq_k, qk_scale, s_layout, BLOCK_N, CAUSAL,
                                                 MASKED)
+        l_sink.store(l_i)  # needs every exponential; ptxas keeps it ahead of the wait (module docstring)
         acc = warpgroup_mma_wait(0, deps=(acc_tok,))
         mbarrier.arrive(v_empty.index(prev), count=1)
         p = _p_operand(p_new.to(q.dtype), p_buf, p_layout, P_SMEM)
@@ -222,8 +228,8 @@ def _kv_loop(acc, alpha, m_i, l_i, p, p_buf, q, k_smem, v_smem, bars, it, turns,
 def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr, PINGPONG: gl.constexpr,
               P_SMEM: gl.constexpr):
     """Consumer warpgroup ``me``: the attention of its 64 rows of every tile, and their epilogue."""
-    (q_smem, k_smem, v_smem, p_smem, bars, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale, seq_q, seq_k, heads,
-     group, num_m_blocks, num_tiles) = args
+    (q_smem, k_smem, v_smem, p_smem, l_smem, bars, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale, seq_q, seq_k,
+     heads, group, num_m_blocks, num_tiles) = args
     BLOCK_M: gl.constexpr = q_smem.shape[2]
     HEAD_DIM: gl.constexpr = q_smem.shape[3]
     BLOCK_N: gl.constexpr = k_smem.shape[3]
@@ -238,6 +244,7 @@ def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.const
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     batch_heads = num_tiles // num_m_blocks
     q = _tile(q_smem).slice(me * ROWS, ROWS)
+    l_sink = l_smem.slice(me * ROWS, ROWS)
     if P_SMEM:
         p_buf = p_smem.index(me)
     else:
@@ -268,11 +275,11 @@ def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.const
         it += 1
         full_end = gl.maximum(gl.minimum(first_masked, end), 1)
         acc, alpha, m_i, l_i, p, it, turns = _kv_loop(
-            acc, alpha, m_i, l_i, p, p_buf, q, k_smem, v_smem, bars, it, turns, 1, full_end, rows, seq_k, qk_scale,
-            me, s_layout, p_layout, BLOCK_N, STAGES, CAUSAL, False, PINGPONG, P_SMEM)
+            acc, alpha, m_i, l_i, p, p_buf, l_sink, q, k_smem, v_smem, bars, it, turns, 1, full_end, rows, seq_k,
+            qk_scale, me, s_layout, p_layout, BLOCK_N, STAGES, CAUSAL, False, PINGPONG, P_SMEM)
         acc, alpha, m_i, l_i, p, it, turns = _kv_loop(
-            acc, alpha, m_i, l_i, p, p_buf, q, k_smem, v_smem, bars, it, turns, full_end, end, rows, seq_k, qk_scale,
-            me, s_layout, p_layout, BLOCK_N, STAGES, CAUSAL, True, PINGPONG, P_SMEM)
+            acc, alpha, m_i, l_i, p, p_buf, l_sink, q, k_smem, v_smem, bars, it, turns, full_end, end, rows, seq_k,
+            qk_scale, me, s_layout, p_layout, BLOCK_N, STAGES, CAUSAL, True, PINGPONG, P_SMEM)
         mbarrier.arrive(q_empty, count=1)  # every S of this tile is done: the loader may fetch the next Q
         prev = (it - 1) % STAGES
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout)), 1)
@@ -290,6 +297,9 @@ def _epilogue(acc, m_i, l_i, rows, batch, head, o_ptr, lse_ptr, s_ob, s_os, s_oh
               o_layout: gl.constexpr, HEAD_DIM: gl.constexpr, ACCUMULATE: gl.constexpr):
     """out = acc / l and lse (natural log), merged into what ``out``/``lse`` hold when ACCUMULATE."""
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    # Torch strides are never negative: the int64 offsets zero-extend them, which takes no register (ptxas
+    # hoists a sign extension to the kernel's entry, ahead of the partitions, and had to spill it there).
+    gl.assume((s_ob >= 0) & (s_os >= 0) & (s_oh >= 0) & (s_lb >= 0) & (s_lh >= 0))
     has_keys = l_i > 0.0
     lse2 = gl.where(has_keys, m_i + gl.log2(l_i), float("-inf"))
     inv = gl.convert_layout(1.0 / gl.where(has_keys, l_i, 1.0), o_rows)
@@ -333,6 +343,7 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, s_ob, s_os, s_oh, 
                                            gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, BLOCK_N], dtype))
     else:
         p_smem = q_smem  # unused
+    l_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [0]))  # never read
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -350,8 +361,8 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, s_ob, s_os, s_oh, 
     for i in gl.static_range(2):
         mbarrier.init(turn.index(i), count=1)
     bars = (q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn)
-    consumer_args = (q_smem, k_smem, v_smem, p_smem, bars, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale, seq_q, seq_k,
-                     heads, group, num_m_blocks, num_tiles)
+    consumer_args = (q_smem, k_smem, v_smem, p_smem, l_smem, bars, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale,
+                     seq_q, seq_k, heads, group, num_m_blocks, num_tiles)
     gl.warp_specialize([
         (_consumer, (consumer_args, 0, CAUSAL, ACCUMULATE, PINGPONG, P_SMEM)),
         (_consumer, (consumer_args, 1, CAUSAL, ACCUMULATE, PINGPONG, P_SMEM)),
