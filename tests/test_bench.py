@@ -59,3 +59,22 @@ def test_ring_bench_runs_on_cpu_and_writes_results(tmp_path):
         assert row["rel_err_vs_monolithic"] < 1e-5 and row["tflops"] > 0
         assert {"impl", "pass", "dtype", "B", "H", "Hkv", "S", "D", "causal", "ms", "tflops"} <= set(row)
     assert any(p.endswith(".png") for p in paths)
+    assert "partial" not in data["meta"]
+
+
+def test_a_ring_bench_stopped_part_way_keeps_what_it_measured(tmp_path, monkeypatch):
+    """The result files are rewritten after every measurement: a run that dies (here: its fourth
+    timing raises) leaves the three rows it measured, marked partial."""
+    import fa3dist.bench.ring as ring_bench
+
+    timings = iter([1.0, 2.0, 3.0])
+    monkeypatch.setattr(ring_bench, "time_ms_events", lambda fn: next(timings))
+    cfg = load_config(RingBenchConfig, None, ["device=cpu", "backend=reference", "dtype=float32", "seq_len=96",
+                                              "heads=4", "kv_heads=2", "head_dim=16", "world_sizes=[2, 3]"])
+    with pytest.raises(StopIteration):
+        write_ring_results(cfg, str(tmp_path), plot=False)
+    (path,) = tmp_path.glob("ring-*.json")
+    data = json.loads(path.read_text())
+    assert data["meta"]["partial"] == "3 of 6 runs"
+    assert [r["ms"] for r in data["rows"]] == [1.0, 2.0, 3.0]
+    assert "Partial run: 3 of 6 runs measured." in path.with_suffix(".md").read_text()

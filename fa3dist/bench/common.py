@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+Checkpoint = Callable[[list[dict[str, Any]]], None]  # called with the rows measured so far
 PASS_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -123,7 +124,8 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 
 def write_results(out_dir: str | Path, stem: str, meta: dict[str, Any], rows: list[dict[str, Any]],
                   markdown: str) -> tuple[Path, Path]:
-    """Write ``<stem>.json`` and ``<stem>.md`` under ``out_dir``; return their paths."""
+    """Write ``<stem>.json`` and ``<stem>.md`` under ``out_dir``; return their paths. A ``meta["partial"]``
+    (how much of a run is in ``rows``) is said in the Markdown too."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
@@ -131,5 +133,7 @@ def write_results(out_dir: str | Path, stem: str, meta: dict[str, Any], rows: li
     header = (f"# {stem}\n\nMachine: {meta['gpu']} x{meta['world_size']}; torch {meta['torch']}, "
               f"triton {meta['triton']}, CUDA {meta['cuda']}, NCCL {meta['nccl']}; {meta['date']}.\n\n"
               f"Command: `{meta['command']}`\n\n")
+    if meta.get("partial"):
+        header += f"Partial run: {meta['partial']} measured.\n\n"
     md_path.write_text(header + markdown + "\n")
     return json_path, md_path

@@ -22,7 +22,7 @@ from fa3dist.config import check_choices
 from fa3dist.kernels.common import paths_taken
 from fa3dist.kernels.numerics import relative_error
 
-from .common import DTYPES, attention_flops, gpu_tag, markdown_table, run_meta, time_ms, write_results
+from .common import DTYPES, Checkpoint, attention_flops, gpu_tag, markdown_table, run_meta, time_ms, write_results
 from .peers import IMPLS, prepare, unavailable_reason
 
 log = logging.getLogger("fa3dist.bench")
@@ -91,8 +91,9 @@ def _measure(impl: str, q, k, v, do, causal: bool, passes: list[str], cfg: Kerne
     return times, outputs
 
 
-def run_kernel_bench(cfg: KernelBenchConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Measure every cell; return (meta, rows)."""
+def run_kernel_bench(cfg: KernelBenchConfig, checkpoint: Checkpoint | None = None
+                     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Measure every cell; return (meta, rows). ``checkpoint(rows)`` runs after each cell."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench kernel needs a CUDA GPU")
     gen = torch.Generator(device="cuda").manual_seed(cfg.seed)
@@ -134,6 +135,8 @@ def run_kernel_bench(cfg: KernelBenchConfig) -> tuple[dict[str, Any], list[dict[
             del outputs
         del q, k, v, do
         torch.cuda.empty_cache()
+        if checkpoint is not None:
+            checkpoint(rows)
     taken = sorted({path for paths in paths_taken().values() for path in paths})
     return run_meta(1, fa3dist_kernel="+".join(taken) or None, skipped_peers=skipped), rows
 
@@ -166,11 +169,19 @@ def kernel_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def write_kernel_results(cfg: KernelBenchConfig, out_dir: str, plot: bool) -> list[str]:
-    """Run the bench and write JSON, Markdown (and PNG); return the paths written.
+    """Run the bench and write JSON, Markdown (and PNG); return the paths written. The JSON and Markdown
+    are rewritten after every cell (meta "partial" says how far), and finally without "partial".
 
     Raises RuntimeError, once the results are written, when our own kernel failed in any cell.
     """
-    meta, rows = run_kernel_bench(cfg)
+    total = len(cfg.cells())
+
+    def checkpoint(rows: list[dict[str, Any]]) -> None:  # a run stopped part-way keeps the cells it measured
+        cells = len({(r["dtype"], r["D"], r["S"], r["causal"]) for r in rows})
+        meta = run_meta(1, config=dataclasses.asdict(cfg), partial=f"{cells} of {total} cells")
+        write_results(out_dir, f"kernel-{gpu_tag(meta)}-{meta['date']}", meta, rows, kernel_markdown(rows))
+
+    meta, rows = run_kernel_bench(cfg, checkpoint)
     meta["config"] = dataclasses.asdict(cfg)
     stem = f"kernel-{gpu_tag(meta)}-{meta['date']}"
     paths = [str(p) for p in write_results(out_dir, stem, meta, rows, kernel_markdown(rows))]

@@ -25,7 +25,8 @@ from fa3dist.layout import shard_sequence
 from fa3dist.ring import LoopbackRing, ring_backward, ring_forward, run_thread_ring
 from fa3dist.ring.schedule import LAYOUTS
 
-from .common import DTYPES, attention_flops, gpu_tag, markdown_table, run_meta, time_ms_events, write_results
+from .common import (DTYPES, Checkpoint, attention_flops, gpu_tag, markdown_table, run_meta, time_ms_events,
+                     write_results)
 
 log = logging.getLogger("fa3dist.bench")
 
@@ -66,8 +67,10 @@ def _schedule(q, k, v, do, ring, *, backend, scale, cfg, with_backward: bool) ->
     return [out, *ring_backward(do, q, k, v, out, lse, ring, **opts)]
 
 
-def run_ring_bench(cfg: RingBenchConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Measure the monolithic call and every virtual world size; return (meta, rows)."""
+def run_ring_bench(cfg: RingBenchConfig, checkpoint: Checkpoint | None = None
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Measure the monolithic call and every virtual world size; return (meta, rows).
+    ``checkpoint(rows)`` runs after each measurement."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("bench ring on cuda needs a CUDA GPU (for a CPU smoke run use "
                            "configs/bench_ring_cpu.yaml: the default problem needs terabytes on a CPU)")
@@ -118,6 +121,8 @@ def run_ring_bench(cfg: RingBenchConfig) -> tuple[dict[str, Any], list[dict[str,
                      "tflops": flops / ms / 1e9, "ratio_to_monolithic": monolithic[pass_][0] / ms,
                      "rel_err_vs_monolithic": error})
         log.info("ring bench %s", rows[-1])
+        if checkpoint is not None:
+            checkpoint(rows)
     return run_meta(1), rows
 
 
@@ -132,10 +137,20 @@ def ring_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def write_ring_results(cfg: RingBenchConfig, out_dir: str, plot: bool) -> list[str]:
-    """Run the bench and write JSON, Markdown (and PNG); return the paths written."""
-    meta, rows = run_ring_bench(cfg)
+    """Run the bench and write JSON, Markdown (and PNG); return the paths written. The JSON and Markdown
+    are rewritten after every measurement (meta "partial" says how far), and finally without "partial"."""
+    total = len(cfg.passes) * (1 + len(cfg.world_sizes))
+
+    def stem_of(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+        return f"ring-{gpu_tag(meta)}-{meta['date']}-{rows[0]['backend']}"
+
+    def checkpoint(rows: list[dict[str, Any]]) -> None:  # a run stopped part-way keeps what it measured
+        meta = run_meta(1, config=dataclasses.asdict(cfg), partial=f"{len(rows)} of {total} runs")
+        write_results(out_dir, stem_of(meta, rows), meta, rows, ring_markdown(rows))
+
+    meta, rows = run_ring_bench(cfg, checkpoint)
     meta["config"] = dataclasses.asdict(cfg)
-    stem = f"ring-{gpu_tag(meta)}-{meta['date']}-{rows[0]['backend']}"
+    stem = stem_of(meta, rows)
     paths = [str(p) for p in write_results(out_dir, stem, meta, rows, ring_markdown(rows))]
     if plot:
         from .plot import plot_lines
