@@ -39,6 +39,9 @@ the last partial key block where a dQ is formed). P and dS are cast to the input
 products; accumulators stay fp32. Block sizes and the dQ strategy are tuned per problem class by
 ``pick_config`` over ``BWD_CONFIGS[padded head dim]``, whose first, conservative entry (no atomics)
 every other candidate must agree with; choices are keyed by ``autotune.tuning_key`` and kept on disk.
+On sm_90 at D = 64 and 128 (fp16/bf16) the candidates also include the Gluon backward
+(``gluon_bwd.py``, after the same preprocess), with dQ by TMA reduction or, for
+``deterministic=True``, by the ``separate`` dQ kernel above; ``FA3DIST_KERNEL`` forces a path.
 """
 
 from __future__ import annotations
