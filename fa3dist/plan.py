@@ -20,7 +20,8 @@ K/V heads are replicated):
   slowest link of the ring (across nodes when the ring leaves one), latency + bytes / bandwidth,
   and takes compute + transfer - overlap · min(compute, transfer) + a step overhead. With
   overlap = 1 that is the longer of the two (the transfer wholly hidden); the default 0.5 fits the
-  flat ring measured on 2 H200s, where NCCL's traffic slows the kernels it runs beside.
+  flat ring measured on 2 H200s, where NCCL's traffic slows the kernels it runs beside. The
+  backward's last trip of the dK/dV accumulator, home after the last kernel, is never hidden.
 - all-to-all (G > 1): q, k, v and out forward, dO, dq, dk and dv backward; each rank sends
   (G - 1) / G of each, over the links inside its node and, when the head group spans nodes,
   across them. Nothing hides it.
@@ -226,19 +227,24 @@ def _ring_ms(problem: Problem, ring_size: int, heads: int, kv_heads: int, link_g
     else:
         blocks = [(full / 2, True)] + [(full, False)] * (n - 1)
     kv_bytes = 2.0 * batch * length * kv_heads * dim * elt
+    dkv_bytes = 2.0 * batch * length * kv_heads * dim * 4  # the fp32 dK/dV accumulator of the backward
+
+    def move_ms(sent: float) -> float:
+        return sent / (link_gbps * 1e9) * 1e3 + (machine.latency_us * 1e-3 if sent else 0.0)
+
     total = compute = transfers = exposed = 0.0
     for pass_ in problem.passes:
         factor = 2.5 if pass_ == "bwd" else 1.0
         for step, (flops, causal) in enumerate(blocks):
             work = factor * flops / (machine.kernel.tflops(pass_, causal, dim, length) * 1e12) * 1e3
-            sent = kv_bytes if step < n - 1 else 0.0
-            if pass_ == "bwd" and n > 1:
-                sent += 2.0 * batch * length * kv_heads * dim * 4  # the fp32 dK/dV accumulator
-            move = sent / (link_gbps * 1e9) * 1e3 + (machine.latency_us * 1e-3 if sent else 0.0)
+            last = step == n - 1
+            accumulator = dkv_bytes if pass_ == "bwd" and n > 1 else 0.0
+            move = move_ms((0.0 if last else kv_bytes) + (0.0 if last else accumulator))
+            home = move_ms(accumulator) if last else 0.0  # the trip home after the last kernel hides behind nothing
             hidden = machine.overlap * min(work, move)
-            step_ms = work + move - hidden + (machine.step_overhead_us * 1e-3 if n > 1 else 0.0)
-            total, compute, transfers, exposed = total + step_ms, compute + work, transfers + move, \
-                exposed + move - hidden
+            step_ms = work + move - hidden + home + (machine.step_overhead_us * 1e-3 if n > 1 else 0.0)
+            total, compute, transfers, exposed = total + step_ms, compute + work, transfers + move + home, \
+                exposed + move - hidden + home
     return total, compute, transfers, exposed
 
 

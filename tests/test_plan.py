@@ -74,6 +74,14 @@ def test_predictions_follow_the_model_by_hand():
     assert flat.efficiency == pytest.approx(1.0) and flat.tflops_per_gpu == pytest.approx(500)
     assert choose_scheme(problem, 2, _machine()) == "flat"
     assert flat.kib_per_token is None  # the memory model covers forward and backward
+    # forward and backward: the backward's last step sends the fp32 dK/dV accumulator home after its
+    # kernel, where nothing hides it; every other transfer hides behind a kernel
+    both = Problem(batch=1, seq_len=2**20, heads=8, kv_heads=8, head_dim=128, causal=False, backward=True)
+    rates = KernelRates((("fwd", False, 128, 1024, 500.0), ("bwd", False, 128, 1024, 400.0)), "test")
+    train = predict(both, 2, "flat", _machine(kernel=rates))
+    home_ms = 2 * half * 8 * 128 * 4 / 100e9 * 1e3
+    assert train.ring_exposed_ms == pytest.approx(home_ms)
+    assert train.ms == pytest.approx(2 * block_ms + 2 * 2.5 * block_ms * 500 / 400 + home_ms)
 
 
 def test_the_choice_follows_the_links_and_the_heads():
