@@ -88,6 +88,7 @@ BWD_CONFIGS: dict[int, list[Config]] = {
 }
 # Fixed config for the interpreter, CPU tensors and float32 (not tuned).
 SMALL_CONFIG: Config = make_config(16, 32, 4, 1, dq="atomic")
+SMALL_DETERMINISTIC: Config = {**SMALL_CONFIG, "dq": "separate"}  # the same without atomics
 
 
 @triton.jit
@@ -513,7 +514,7 @@ def _gluon_configs(p: _Problem, buffers: Grads | None, path: str) -> list[Config
 
 def _choose_config(p: _Problem, buffers: Grads | None, accumulate: bool, deterministic: bool) -> Config:
     if uses_small_config(p.q):
-        return SMALL_CONFIG
+        return SMALL_DETERMINISTIC if deterministic else SMALL_CONFIG
     wanted = _wanted(buffers)
     key = tuning_key("flash_bwd", source_hash(__file__) + source_hash(gluon_bwd.__file__), p.q, p.k,
                      causal=p.causal, grad_dtype=None if buffers is None else "float32", grads=wanted,

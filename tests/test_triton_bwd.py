@@ -6,6 +6,8 @@ in the interpreter on CPU tensors; with CUDA the same tests run compiled on the 
 
 from __future__ import annotations
 
+import logging
+
 import math
 
 import pytest
@@ -94,6 +96,20 @@ def test_default_path_matches_autograd():
     o = (scores.softmax(-1) @ vr).transpose(1, 2)
     ref = torch.autograd.grad(o, (q64, k64, v64), do.double())
     _assert_close((dq, dk, dv), ref)
+
+
+def test_deterministic_uses_no_atomics_and_repeats_its_bits(caplog):
+    """deterministic=True: the dQ kernel's way (no atomic adds in a run-dependent order), same bits twice."""
+    q, k, v, do = _make(1, 70, 70, 4, 2, 32, seed=3)
+    out, lse = _fwd64(q, k, v, 0.2, True)
+    with caplog.at_level(logging.DEBUG, logger="fa3dist.kernels"):
+        first = flash_bwd(do, q, k, v, out, lse, softmax_scale=0.2, causal=True, deterministic=True)
+    assert any("deterministic=True" in r.getMessage() and "'dq': 'separate'" in r.getMessage() for r in caplog.records)
+    again = flash_bwd(do, q, k, v, out, lse, softmax_scale=0.2, causal=True, deterministic=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    _assert_close(first, _ref64(do, q, k, v, out, lse, 0.2, True))
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        flash_bwd(do, q, k, v, out, lse, softmax_scale=0.2, causal=True, deterministic=1)
 
 
 @pytest.mark.parametrize("mode", MODES)
