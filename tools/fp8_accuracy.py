@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
+import sys
 import time
 from typing import Any
 
@@ -100,7 +102,7 @@ def main() -> None:
                                      r["rmse"], r["rel_rmse"], r["rmse_inputs"]] for r in rows])
     rms_out = ", ".join(f"D={r['head_dim']} {'causal' if r['causal'] else 'full'} {r['out_rms']:.3g}"
                         for r in rows if r["format"] == "bf16")
-    meta = run_meta(1, kind="CPU emulation of the FP8 forward's quantization (kernels/fp8.py), not a kernel run",
+    meta = run_meta(1, command=shlex.join(["python", "tools/fp8_accuracy.py", *sys.argv[1:]]), kind="CPU emulation of the FP8 forward's quantization (kernels/fp8.py), not a kernel run",
                     shape={"batch": args.batch, "seq": args.seq, "heads": args.heads, "kv_heads": args.kv_heads},
                     distribution=f"N(0,1) + N(0,{args.outlier_std ** 2:g}) * Bernoulli({args.outlier_prob:g}) per "
                                  f"entry, float64 rounded to bf16; truth: float64 attention of the bf16 inputs",
