@@ -39,7 +39,7 @@ Config = dict[str, Any]  # launch options (num_warps, num_stages) and the kernel
 TuningKey = dict[str, Any]  # JSON-able: what a choice depends on
 Timer = Callable[[Callable[[], object]], float]  # milliseconds per call of the function it is given
 _CHOICES: dict[tuple, Config] = {}  # by the key's items: a lookup per kernel call must be cheap
-_SHARED_SOURCES = (Path(common.__file__), Path(tma.__file__))
+_SHARED_SOURCES = (Path(common.__file__), Path(tma.__file__), Path(__file__).with_name("gluon_common.py"))
 
 
 def make_config(block_m: int, block_n: int, num_warps: int, num_stages: int, **constexprs: Any) -> Config:
@@ -56,8 +56,8 @@ def bucket(n: int) -> int:
 
 @functools.cache
 def source_hash(path: str) -> str:
-    """A short hash of a kernel file's text and of the helpers every kernel shares (common.py, tma.py):
-    any edit to them invalidates the cached choices."""
+    """A short hash of a kernel file's text and of the helpers the kernels share (common.py, tma.py,
+    gluon_common.py): any edit to them invalidates the cached choices."""
     digest = hashlib.sha256()
     for source in (Path(path), *_SHARED_SOURCES):
         digest.update(source.read_bytes())

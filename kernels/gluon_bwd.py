@@ -50,7 +50,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .common import LOG2E
-from .tma import bhsd_view
+from .gluon_common import bhsd_descriptor, tile_2d, unsupported_reason
 
 GLUON_BWD_HEAD_DIMS = (64, 128)
 GLUON_BWD_DTYPES = (torch.float16, torch.bfloat16)
@@ -106,12 +106,6 @@ def _m_ranges(n0, seq_q, seq_k, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
 def _opaque_zero(x):
     """0, computed from ``x`` in a way the compiler cannot see through (so nothing built on it is hoisted)."""
     return gl.inline_asm_elementwise("and.b32 $0, $1, 0;", "=r,r", [x], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _tile(buf):
-    """The 2-D [rows, cols] view of a [1, 1, rows, cols] TMA buffer."""
-    return buf.reshape([buf.shape[2], buf.shape[3]])
 
 
 # ---------------------------------------------------------------- loader partition
@@ -215,17 +209,17 @@ def _q_block(dk, dv, k_smem, v_smem, smems, ds_smem, dq_smem, bars, key_rows, m,
     # The loop-invariant tiles are indexed afresh every block: hoisted, their wgmma descriptors
     # (one per 16-wide k step) would hold dozens of registers and spill.
     zero = _opaque_zero(it)
-    k_tile = _tile(k_smem.index(zero))
+    k_tile = tile_2d(k_smem.index(zero))
     k_w = k_tile.slice(me * KEY_ROWS, KEY_ROWS)
-    v_w = _tile(v_smem.index(zero)).slice(me * KEY_ROWS, KEY_ROWS)
+    v_w = tile_2d(v_smem.index(zero)).slice(me * KEY_ROWS, KEY_ROWS)
     k_half = k_tile.slice(me * HALF, HALF, dim=1)
     ds_tile = ds_smem.index(zero)
     stage = it % STAGES
     mbarrier.wait(q_ready.index(stage), (it // STAGES) & 1)
     lse2 = lse2_smem.index(stage).reshape([BLOCK_M]).load(col_layout)  # rows padded to 128 (+inf): no mask
     delta = delta_smem.index(stage).reshape([BLOCK_M]).load(col_layout)
-    q = _tile(q_smem.index(stage))
-    do = _tile(do_smem.index(stage))
+    q = tile_2d(q_smem.index(stage))
+    do = tile_2d(do_smem.index(stage))
     s_tok = warpgroup_mma(k_w, q.permute((1, 0)), gl.zeros([KEY_ROWS, BLOCK_M], gl.float32, st_layout),
                           use_acc=False, is_async=True)
     dp_tok = warpgroup_mma(v_w, do.permute((1, 0)), gl.zeros([KEY_ROWS, BLOCK_M], gl.float32, st_layout),
@@ -259,7 +253,7 @@ def _q_block(dk, dv, k_smem, v_smem, smems, ds_smem, dq_smem, bars, key_rows, m,
     mbarrier.arrive(q_empty.index(stage), count=1)
     if DQ:
         mbarrier.wait(dq_empty.index(me), (it & 1) ^ 1)
-        _tile(dq_smem.index(me)).store(dq * softmax_scale)
+        tile_2d(dq_smem.index(me)).store(dq * softmax_scale)
         fence_async_shared()
         mbarrier.arrive(dq_full.index(me), count=1)
     return dk, dv
@@ -378,15 +372,7 @@ GLUON_BWD_CONFIGS: dict[int, list[GluonBwdConfig]] = {  # the first is the defau
 
 def gluon_bwd_supported(q: torch.Tensor) -> str | None:
     """Why the Gluon backward cannot take this call (None when it can)."""
-    if not q.is_cuda:
-        return "not a CUDA tensor"
-    if torch.cuda.get_device_capability(q.device) != (9, 0):
-        return "not an sm_90 GPU"
-    if q.dtype not in GLUON_BWD_DTYPES:
-        return f"dtype {q.dtype}"
-    if q.shape[-1] not in GLUON_BWD_HEAD_DIMS:
-        return f"head_dim {q.shape[-1]}"
-    return None
+    return unsupported_reason(q, GLUON_BWD_DTYPES, GLUON_BWD_HEAD_DIMS)
 
 
 def _row_descriptor(t: torch.Tensor, block_m: int) -> TensorDescriptor:
@@ -394,13 +380,6 @@ def _row_descriptor(t: torch.Tensor, block_m: int) -> TensorDescriptor:
     rows = t.view(-1, t.shape[-1])
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [1, block_m], layout)
-
-
-def _descriptor(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
-    view, shape, strides = bhsd_view(t)
-    block = [1, 1, rows, cols]
-    dtype = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}[t.dtype]
-    return TensorDescriptor(view, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
 
 def gluon_bwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse2: torch.Tensor,
@@ -418,9 +397,9 @@ def gluon_bwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torc
     dq_target = dq_acc if with_dq else torch.empty(1, cfg.block_m, 1, head_dim, device=q.device,
                                                    dtype=torch.float32)  # a descriptor the kernel never uses
     _gluon_bwd_kernel[(num_n_blocks, batch * kv_heads)](
-        _descriptor(q, cfg.block_m, head_dim), _descriptor(do, cfg.block_m, head_dim),
-        _descriptor(k, BLOCK_N.value, head_dim), _descriptor(v, BLOCK_N.value, head_dim),
-        _descriptor(dq_target, cfg.block_m, head_dim // 2), _row_descriptor(lse2, cfg.block_m),
+        bhsd_descriptor(q, cfg.block_m, head_dim), bhsd_descriptor(do, cfg.block_m, head_dim),
+        bhsd_descriptor(k, BLOCK_N.value, head_dim), bhsd_descriptor(v, BLOCK_N.value, head_dim),
+        bhsd_descriptor(dq_target, cfg.block_m, head_dim // 2), _row_descriptor(lse2, cfg.block_m),
         _row_descriptor(delta, cfg.block_m), dk, dv, *dk.stride()[:3], *dv.stride()[:3], softmax_scale * LOG2E,
         softmax_scale, seq_q, seq_k, heads, kv_heads,
         heads // kv_heads, num_n_blocks, STAGES=cfg.stages, CAUSAL=causal, ACCUMULATE=accumulate, DQ=with_dq,

@@ -46,10 +46,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .common import LOG2E, TL_LN2, TL_LOG2E, num_sms
-from .tma import bhsd_view
+from .gluon_common import bhsd_descriptor, tile_2d, unsupported_reason
 
 GLUON_HEAD_DIMS = (64, 128, 256)
 GLUON_DTYPES = (torch.float16, torch.bfloat16)
@@ -90,12 +89,6 @@ def _key_blocks(m_block, seq_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CA
     return first_masked, end
 
 
-@gluon.jit
-def _tile(buf):
-    """The 2-D [rows, D] view of a [1, 1, rows, D] TMA buffer (the 4-D (B, H, S, D) descriptors' box)."""
-    return buf.reshape([buf.shape[2], buf.shape[3]])
-
-
 # ---------------------------------------------------------------- loader partition
 
 @gluon.jit
@@ -115,7 +108,6 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_k, heads, 
     """The TMA producer: each tile's Q, then its K and V blocks through the stage ring."""
     BLOCK_M: gl.constexpr = q_smem.shape[2]
     BLOCK_N: gl.constexpr = k_smem.shape[3]
-    STAGES: gl.constexpr = k_smem.shape[0]
     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn = bars
     batch_heads = num_tiles // num_m_blocks
     it = 0
@@ -205,11 +197,11 @@ def _kv_loop(acc, alpha, m_i, l_i, p, p_buf, l_sink, q, k_smem, v_smem, bars, it
         prev = (it - 1) % STAGES
         mbarrier.wait(k_ready.index(stage), (it // STAGES) & 1)
         _take_turn(turn, me, turns, PINGPONG)
-        s_tok = warpgroup_mma(q, _tile(k_smem.index(stage)).permute((1, 0)),
+        s_tok = warpgroup_mma(q, tile_2d(k_smem.index(stage)).permute((1, 0)),
                               gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout)), 1)
         mbarrier.wait(v_ready.index(prev), ((it - 1) // STAGES) & 1)
-        acc_tok = warpgroup_mma(p, _tile(v_smem.index(prev)), acc, is_async=True)
+        acc_tok = warpgroup_mma(p, tile_2d(v_smem.index(prev)), acc, is_async=True)
         _pass_turn(turn, me, PINGPONG)
         turns += 1
         s = warpgroup_mma_wait(1, deps=(s_tok,))
@@ -243,7 +235,7 @@ def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.const
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     batch_heads = num_tiles // num_m_blocks
-    q = _tile(q_smem).slice(me * ROWS, ROWS)
+    q = tile_2d(q_smem).slice(me * ROWS, ROWS)
     l_sink = l_smem.slice(me * ROWS, ROWS)
     if P_SMEM:
         p_buf = p_smem.index(me)
@@ -264,7 +256,7 @@ def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.const
         stage = it % STAGES
         mbarrier.wait(k_ready.index(stage), (it // STAGES) & 1)
         _take_turn(turn, me, turns, PINGPONG)
-        s_tok = warpgroup_mma(q, _tile(k_smem.index(stage)).permute((1, 0)),
+        s_tok = warpgroup_mma(q, tile_2d(k_smem.index(stage)).permute((1, 0)),
                               gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
         _pass_turn(turn, me, PINGPONG)
         turns += 1
@@ -284,7 +276,7 @@ def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.const
         prev = (it - 1) % STAGES
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout)), 1)
         mbarrier.wait(v_ready.index(prev), ((it - 1) // STAGES) & 1)
-        acc = warpgroup_mma(p, _tile(v_smem.index(prev)), acc, is_async=True)
+        acc = warpgroup_mma(p, tile_2d(v_smem.index(prev)), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(v_empty.index(prev), count=1)
         _epilogue(acc, m_i, l_i, rows, batch, head, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, seq_q,
@@ -397,24 +389,10 @@ GLUON_CONFIGS: dict[int, list[GluonConfig]] = {
 
 def gluon_supported(q: torch.Tensor, out: torch.Tensor | None) -> str | None:
     """Why the Gluon forward cannot take this call (None when it can)."""
-    if not q.is_cuda:
-        return "not a CUDA tensor"
-    if torch.cuda.get_device_capability(q.device) != (9, 0):
-        return "not an sm_90 GPU"
-    if q.dtype not in GLUON_DTYPES:
-        return f"dtype {q.dtype}"
-    if q.shape[-1] not in GLUON_HEAD_DIMS:
-        return f"head_dim {q.shape[-1]}"
-    if out is not None and out.stride(-1) != 1:
+    reason = unsupported_reason(q, GLUON_DTYPES, GLUON_HEAD_DIMS)
+    if reason is None and out is not None and out.stride(-1) != 1:
         return "out without unit last stride"
-    return None
-
-
-def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
-    view, shape, strides = bhsd_view(t)
-    block = [1, 1, rows, t.shape[-1]]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float16 if t.dtype == torch.float16 else gl.bfloat16)
-    return TensorDescriptor(view, shape, strides, block, layout)
+    return reason
 
 
 def gluon_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
@@ -429,7 +407,8 @@ def gluon_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
         return out, lse
     programs = min(num_tiles, num_programs or num_sms(q.device))
     _gluon_fwd_kernel[(programs,)](
-        _descriptor(q, BLOCK_M), _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n), out, lse,
+        bhsd_descriptor(q, BLOCK_M, head_dim), bhsd_descriptor(k, cfg.block_n, head_dim),
+        bhsd_descriptor(v, cfg.block_n, head_dim), out, lse,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), softmax_scale * LOG2E,
         seq_q, seq_k, heads, heads // kv_heads, num_m_blocks, num_tiles,
         HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal,

@@ -1,0 +1,40 @@
+"""What the Gluon kernels (gluon_fwd.py, gluon_bwd.py) share: where they run, their 4-D TMA
+descriptors over (B, S, H, D) tensors and the 2-D view of a descriptor's tile in shared memory."""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .tma import bhsd_view
+
+_GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}
+
+
+def unsupported_reason(q: torch.Tensor, dtypes: tuple[torch.dtype, ...], head_dims: tuple[int, ...]) -> str | None:
+    """Why a Gluon kernel for sm_90 with these dtypes and head dims cannot take ``q`` (None when it can)."""
+    if not q.is_cuda:
+        return "not a CUDA tensor"
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return "not an sm_90 GPU"
+    if q.dtype not in dtypes:
+        return f"dtype {q.dtype}"
+    if q.shape[-1] not in head_dims:
+        return f"head_dim {q.shape[-1]}"
+    return None
+
+
+def bhsd_descriptor(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
+    """A TMA descriptor over the (B, H, S, D) view of a (B, S, H, D) tensor, box [1, 1, rows, cols],
+    in the default NVMMA (swizzled) shared layout."""
+    view, shape, strides = bhsd_view(t)
+    block = [1, 1, rows, cols]
+    return TensorDescriptor(view, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype]))
+
+
+@gluon.jit
+def tile_2d(buf):
+    """The 2-D [rows, cols] view of a [1, 1, rows, cols] TMA buffer (the 4-D descriptors' box)."""
+    return buf.reshape([buf.shape[2], buf.shape[3]])
