@@ -50,7 +50,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .common import LOG2E
-from .gluon_common import bhsd_descriptor, tile_2d, unsupported_reason
+from .gluon_common import bhsd_descriptor, tile_2d, unsupported_reason, wgmma_layout
 
 GLUON_BWD_HEAD_DIMS = (64, 128)
 GLUON_BWD_DTYPES = (torch.float16, torch.bfloat16)
@@ -198,12 +198,9 @@ def _q_block(dk, dv, k_smem, v_smem, smems, ds_smem, dq_smem, bars, key_rows, m,
     HEAD_DIM: gl.constexpr = q_smem.shape[4]
     HALF: gl.constexpr = HEAD_DIM // 2
     dtype: gl.constexpr = q_smem.dtype
-    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, BLOCK_M, 16])
-    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, HEAD_DIM, 16])
-    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, HALF, 16])
+    st_layout: gl.constexpr = wgmma_layout(BLOCK_M)
+    kv_layout: gl.constexpr = wgmma_layout(HEAD_DIM)
+    dq_layout: gl.constexpr = wgmma_layout(HALF)
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
     col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
     # The loop-invariant tiles are indexed afresh every block: hoisted, their wgmma descriptors
@@ -267,10 +264,8 @@ def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.const
     kv_ready, q_ready, q_empty, ds_ready, ds_free, dq_full, dq_empty = bars
     BLOCK_M: gl.constexpr = smems[0].shape[3]
     HEAD_DIM: gl.constexpr = smems[0].shape[4]
-    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, BLOCK_M, 16])
-    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, HEAD_DIM, 16])
+    st_layout: gl.constexpr = wgmma_layout(BLOCK_M)
+    kv_layout: gl.constexpr = wgmma_layout(HEAD_DIM)
     batch, kv_head, n0 = _tile_ids(kv_heads, num_n_blocks)
     key_rows = n0 + me * KEY_ROWS + gl.arange(0, KEY_ROWS, layout=gl.SliceLayout(1, st_layout))
     dk = gl.zeros([KEY_ROWS, HEAD_DIM], gl.float32, kv_layout)

@@ -1,9 +1,11 @@
 """What the Gluon kernels (gluon_fwd.py, gluon_bwd.py) share: where they run, their 4-D TMA
-descriptors over (B, S, H, D) tensors and the 2-D view of a descriptor's tile in shared memory."""
+descriptors over (B, S, H, D) tensors, the 2-D view of a descriptor's tile in shared memory and the
+wgmma accumulator layout."""
 
 from __future__ import annotations
 
 import torch
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -32,6 +34,12 @@ def bhsd_descriptor(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
     view, shape, strides = bhsd_view(t)
     block = [1, 1, rows, cols]
     return TensorDescriptor(view, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype]))
+
+
+@triton.constexpr_function
+def wgmma_layout(n):
+    """The register layout of a one-warpgroup (4-warp) wgmma accumulator with N = ``n`` columns."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
 
 
 @gluon.jit

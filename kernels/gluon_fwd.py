@@ -48,7 +48,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from .common import LOG2E, TL_LN2, TL_LOG2E, num_sms
-from .gluon_common import bhsd_descriptor, tile_2d, unsupported_reason
+from .gluon_common import bhsd_descriptor, tile_2d, unsupported_reason, wgmma_layout
 
 GLUON_HEAD_DIMS = (64, 128, 256)
 GLUON_DTYPES = (torch.float16, torch.bfloat16)
@@ -228,10 +228,8 @@ def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.const
     STAGES: gl.constexpr = k_smem.shape[0]
     ROWS: gl.constexpr = BLOCK_M // 2
     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn = bars
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = wgmma_layout(BLOCK_N)
+    o_layout: gl.constexpr = wgmma_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     batch_heads = num_tiles // num_m_blocks
