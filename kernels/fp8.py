@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .checks import check_qkv
 from .reference import _grouped, _probabilities, reference_fwd
+from .tma import tma_addressable
 
 log = logging.getLogger("fa3dist.kernels")
 
@@ -133,19 +135,25 @@ def _check_granularity(granularity: str) -> str:
     return granularity
 
 
-def _quantize(x: torch.Tensor, granularity: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize a checked 4-D float tensor: (fp8 tensor, fp32 descale (1,) or (B, H))."""
-    work = _work_dtype(x.dtype)
-    xw = x.to(work)
-    if not torch.isfinite(xw).all():
-        raise ValueError(f"{name} has NaN or inf entries; they have no e4m3 scale")
-    amax = xw.abs().amax().reshape(1) if granularity == "tensor" else xw.abs().amax(dim=(1, 3))
-    amax = amax.to(torch.float32)
+def _amax(x: torch.Tensor, granularity: str) -> torch.Tensor:
+    """max |x| of a checked 4-D tensor per scale group: float32 (1,) or (B, H)."""
+    xa = x.abs()
+    return (xa.amax().reshape(1) if granularity == "tensor" else xa.amax(dim=(1, 3))).to(torch.float32)
+
+
+def _quantize(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a checked 4-D float tensor with its groups' amax: (fp8 tensor, fp32 descale (1,) or (B, H))."""
     tiny = torch.finfo(torch.float32).tiny
     # An all-zero tensor (or group) gets descale 1: its fp8 values are 0 and so is their dequantization.
     descale = torch.where(amax > 0, (amax / FP8_MAX).clamp_min(tiny), torch.ones_like(amax))
-    scaled = xw / _broadcast(descale, x.dim()).to(work)
+    work = _work_dtype(x.dtype)
+    scaled = x.to(work) / _broadcast(descale, x.dim()).to(work)
     return scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), descale
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} has NaN or inf entries; they have no e4m3 scale")
 
 
 def _broadcast(descale: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -165,7 +173,8 @@ def quantize_fp8(x: torch.Tensor, *, granularity: str = "tensor") -> tuple[torch
     _check_float(x, "x")
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (batch, seq, heads, head_dim), got shape {tuple(x.shape)}")
-    return _quantize(x, _check_granularity(granularity), "x")
+    _check_finite(x, "x")
+    return _quantize(x, _amax(x, _check_granularity(granularity)))
 
 
 def dequantize_fp8(x_fp8: torch.Tensor, descale: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -201,12 +210,18 @@ class FP8QKV:
 
 
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, granularity: str = "tensor",
-                 incoherent: bool = False, seed: int = 0) -> FP8QKV:
+                 incoherent: bool = False, seed: int = 0,
+                 share_amax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> FP8QKV:
     """Quantize q (B, S, H, D) and k, v (B, S_k, H_kv, D) to e4m3 with descales.
 
     With ``incoherent=True`` q and k are first rotated by ``hadamard_rotate(., seed=seed)`` (in
     float32, without rounding in between), which needs D a power of two; v is never rotated. The
     rotation leaves Q K^T, and so the attention output, unchanged.
+
+    ``share_amax`` (for shards of one sequence, e.g. the ring's) maps this call's amaxes, all in
+    one float32 vector, to those the scales are to be taken from (the max over every shard), so
+    that every shard gets the scales of the whole sequence. It also skips the NaN/inf check, which
+    reads values on the host (a device sync); a NaN or inf then makes the output NaN.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float(t, name)
@@ -215,13 +230,52 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, granulari
     if not isinstance(incoherent, bool):
         raise TypeError(f"incoherent must be a bool, got {type(incoherent).__name__}")
     _check_seed(seed)
+    if share_amax is None:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            _check_finite(t, name)
     if incoherent:
         check_head_dim(q.shape[-1])
         q, k = hadamard_rotate(q, seed=seed), hadamard_rotate(k, seed=seed)
-    (q8, qd), (k8, kd), (v8, vd) = (_quantize(t, granularity, name) for name, t in (("q", q), ("k", k), ("v", v)))
+    amaxes = [_amax(t, granularity) for t in (q, k, v)]
+    if share_amax is not None:
+        shared = share_amax(torch.cat([a.flatten() for a in amaxes]))
+        amaxes = [part.view(a.shape) for part, a in zip(shared.split([a.numel() for a in amaxes]), amaxes)]
+    (q8, qd), (k8, kd), (v8, vd) = (_quantize(t, amax) for t, amax in zip((q, k, v), amaxes))
     log.debug("quantize_qkv: %s scales, incoherent=%s, q_descale max %.3g, k_descale max %.3g, v_descale max %.3g",
               granularity, incoherent, qd.max().item(), kd.max().item(), vd.max().item())
     return FP8QKV(q8, k8, v8, qd, kd, vd, granularity, seed if incoherent else None)
+
+
+# --- V as the FP8 kernel reads it ------------------------------------------------------------------------
+
+def is_kmajor(v: torch.Tensor) -> bool:
+    """Whether a (B, S, H, D) tensor is stored with S contiguous and 16-byte aligned rows (``kmajor_v``)."""
+    vt = v.permute(0, 2, 3, 1)
+    return tma_addressable(vt)
+
+
+def kmajor_v(v: torch.Tensor) -> torch.Tensor:
+    """V (B, S, H, D) with its keys contiguous in memory, the layout the FP8 kernel's P V product reads.
+
+    8-bit wgmma takes its B operand K-major only, and the keys are P V's K. Returns a (B, S, H, D)
+    view of a (B, H, D, S') tensor (``kmajor_storage``); ``v`` itself when it already is one. The
+    copy reads and writes V once (B S H D bytes each way).
+    """
+    return v if is_kmajor(v) else kmajor_view(kmajor_storage(v), v.shape[1])
+
+
+def kmajor_storage(v: torch.Tensor) -> torch.Tensor:
+    """A contiguous (B, H, D, S') copy of V (B, S, H, D), S' the key count rounded up to 16 (TMA aligns
+    rows to 16 bytes); the padding is never read."""
+    batch, seq, heads, dim = v.shape
+    storage = torch.empty(batch, heads, dim, -(-seq // 16) * 16, dtype=v.dtype, device=v.device)
+    kmajor_view(storage, seq).copy_(v)
+    return storage
+
+
+def kmajor_view(storage: torch.Tensor, seq: int) -> torch.Tensor:
+    """The (B, S, H, D) view of the first ``seq`` keys of a ``kmajor_storage`` tensor."""
+    return storage[..., :seq].permute(0, 3, 1, 2)
 
 
 # --- the checks of an FP8 call --------------------------------------------------------------------------

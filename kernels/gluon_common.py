@@ -1,6 +1,6 @@
 """What the Gluon kernels (gluon_fwd.py, gluon_bwd.py) share: where they run, their 4-D TMA
-descriptors over (B, S, H, D) tensors, the 2-D view of a descriptor's tile in shared memory and the
-wgmma accumulator layout."""
+descriptors over (B, S, H, D) tensors (and over the (B, H, D, S) V of the FP8 forward), the 2-D view
+of a descriptor's tile in shared memory and the wgmma accumulator layout."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .tma import bhsd_view
+from .tma import bhsd_view, tma_strides
 
-_GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}
+_GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32,
+              torch.float8_e4m3fn: gl.float8e4nv}
 
 
 def unsupported_reason(q: torch.Tensor, dtypes: tuple[torch.dtype, ...], head_dims: tuple[int, ...]) -> str | None:
@@ -31,15 +32,23 @@ def unsupported_reason(q: torch.Tensor, dtypes: tuple[torch.dtype, ...], head_di
 def bhsd_descriptor(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
     """A TMA descriptor over the (B, H, S, D) view of a (B, S, H, D) tensor, box [1, 1, rows, cols],
     in the default NVMMA (swizzled) shared layout."""
-    view, shape, strides = bhsd_view(t)
-    block = [1, 1, rows, cols]
-    return TensorDescriptor(view, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype]))
+    return _descriptor(*bhsd_view(t), [1, 1, rows, cols])
+
+
+def bhds_descriptor(t: torch.Tensor, cols: int) -> TensorDescriptor:
+    """A TMA descriptor over a (B, H, D, S) tensor (S contiguous), box [1, 1, D, cols]."""
+    return _descriptor(t, list(t.shape), tma_strides(t), [1, 1, t.shape[2], cols])
+
+
+def _descriptor(view: torch.Tensor, shape: list[int], strides: list[int], block: list[int]) -> TensorDescriptor:
+    return TensorDescriptor(view, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[view.dtype]))
 
 
 @triton.constexpr_function
-def wgmma_layout(n):
-    """The register layout of a one-warpgroup (4-warp) wgmma accumulator with N = ``n`` columns."""
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+def wgmma_layout(n, k=16):
+    """The register layout of a one-warpgroup (4-warp) wgmma accumulator with N = ``n`` columns, for
+    operands whose instruction K is ``k`` (16 for 16-bit, 32 for 8-bit types)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, k])
 
 
 @gluon.jit

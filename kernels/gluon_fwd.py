@@ -48,7 +48,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from .common import LOG2E, TL_LN2, TL_LOG2E, num_sms
-from .gluon_common import bhsd_descriptor, tile_2d, unsupported_reason, wgmma_layout
+from .gluon_common import bhds_descriptor, bhsd_descriptor, tile_2d, unsupported_reason, wgmma_layout
 
 GLUON_HEAD_DIMS = (64, 128, 256)
 GLUON_DTYPES = (torch.float16, torch.bfloat16)
@@ -59,6 +59,7 @@ CONSUMER_ROWS = 64
 MAXNREG = 168
 CONSUMER_REGS = gl.constexpr(240)
 LOADER_REGS = gl.constexpr(24)
+P_LOG2_OFFSET = gl.constexpr(8.0)  # FP8: P = 2^8 exp(S - m), fp8.P_SCALE
 
 
 # ---------------------------------------------------------------- tile schedule (shared by all partitions)
@@ -92,19 +93,25 @@ def _key_blocks(m_block, seq_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CA
 # ---------------------------------------------------------------- loader partition
 
 @gluon.jit
-def _load_block(desc, smem, ready, empty, batch, kv_head, n, it):
-    """TMA-load K or V block n into stage it % STAGES once both consumers have released it."""
+def _load_block(desc, smem, ready, empty, batch, kv_head, n, it, BLOCK_N: gl.constexpr, KEYS_LAST: gl.constexpr):
+    """TMA-load K or V block n into stage it % STAGES once both consumers have released it.
+
+    ``KEYS_LAST``: the tensor is (B, H, D, S), the FP8 forward's V, so the block's keys are its last coordinate.
+    """
     STAGES: gl.constexpr = smem.shape[0]
-    BLOCK_N: gl.constexpr = smem.shape[3]
     stage = it % STAGES
     mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
     mbarrier.expect(ready.index(stage), desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(desc, [batch, kv_head, n * BLOCK_N, 0], ready.index(stage), smem.index(stage))
+    if KEYS_LAST:
+        coords = [batch, kv_head, 0, n * BLOCK_N]
+    else:
+        coords = [batch, kv_head, n * BLOCK_N, 0]
+    tma.async_copy_global_to_shared(desc, coords, ready.index(stage), smem.index(stage))
 
 
 @gluon.jit
 def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_k, heads, group, num_m_blocks, num_tiles,
-            CAUSAL: gl.constexpr):
+            CAUSAL: gl.constexpr, FP8: gl.constexpr):
     """The TMA producer: each tile's Q, then its K and V blocks through the stage ring."""
     BLOCK_M: gl.constexpr = q_smem.shape[2]
     BLOCK_N: gl.constexpr = k_smem.shape[3]
@@ -119,11 +126,11 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_k, heads, 
         tma.async_copy_global_to_shared(q_desc, [batch, head, m_block * BLOCK_M, 0], q_ready, q_smem)
         _, end = _key_blocks(m_block, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
         for n in range(0, end):  # K of block n, then V of block n - 1: V is needed one step after K
-            _load_block(k_desc, k_smem, k_ready, k_empty, batch, kv_head, n, it)
+            _load_block(k_desc, k_smem, k_ready, k_empty, batch, kv_head, n, it, BLOCK_N, False)
             if n > 0:
-                _load_block(v_desc, v_smem, v_ready, v_empty, batch, kv_head, n - 1, it - 1)
+                _load_block(v_desc, v_smem, v_ready, v_empty, batch, kv_head, n - 1, it - 1, BLOCK_N, FP8)
             it += 1
-        _load_block(v_desc, v_smem, v_ready, v_empty, batch, kv_head, end - 1, it - 1)
+        _load_block(v_desc, v_smem, v_ready, v_empty, batch, kv_head, end - 1, it - 1, BLOCK_N, FP8)
         t += 1
 
 
@@ -131,8 +138,12 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_k, heads, 
 
 @gluon.jit
 def _softmax_block(s, m_i, l_i, rows, n, seq_k, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
-                   CAUSAL: gl.constexpr, MASKED: gl.constexpr):
-    """Online softmax of one S block (base 2): returns (p, alpha, m_new, l_new)."""
+                   CAUSAL: gl.constexpr, MASKED: gl.constexpr, FP8: gl.constexpr):
+    """Online softmax of one S block (base 2): returns (p, alpha, m_new, l_new).
+
+    FP8: p = 2^8 exp(S - m) (FA3's offset), which puts P in [0, 256] where e4m3 keeps 3 bits of mantissa
+    down to 2^-6; the row sum grows by 2^8 alike and the epilogue takes the offset out of the LSE.
+    """
     if MASKED:
         cols = n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         keep = gl.expand_dims(cols, 0) < seq_k
@@ -144,7 +155,10 @@ def _softmax_block(s, m_i, l_i, rows, n, seq_k, qk_scale, s_layout: gl.constexpr
     else:
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         m_ref = m_new
-    p = gl.exp2(s * qk_scale - gl.expand_dims(m_ref, 1))
+    if FP8:
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_ref - P_LOG2_OFFSET, 1))
+    else:
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_ref, 1))
     alpha = gl.exp2(m_i - m_ref)
     l_new = l_i * alpha + gl.sum(p, 1)
     return p, alpha, m_new, l_new
@@ -178,10 +192,19 @@ def _p_operand(p, p_buf, p_layout: gl.constexpr, P_SMEM: gl.constexpr):
 
 
 @gluon.jit
+def _v_operand(v_stage, FP8: gl.constexpr):
+    """V block [keys, D] as the B operand of P V: FP8 stores it [D, keys] (K-major, as 8-bit wgmma needs)."""
+    if FP8:
+        return tile_2d(v_stage).permute((1, 0))
+    else:
+        return tile_2d(v_stage)
+
+
+@gluon.jit
 def _kv_loop(acc, alpha, m_i, l_i, p, p_buf, l_sink, q, k_smem, v_smem, bars, it, turns, n_lo, n_hi, rows, seq_k,
              qk_scale, me: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_N: gl.constexpr,
              STAGES: gl.constexpr, CAUSAL: gl.constexpr, MASKED: gl.constexpr, PINGPONG: gl.constexpr,
-             P_SMEM: gl.constexpr):
+             P_SMEM: gl.constexpr, FP8: gl.constexpr):
     """Steady state over key blocks [n_lo, n_hi): S_n and P_{n-1} V_{n-1} in flight together.
 
     On entry ``p`` holds P of block n_lo - 1 (already in ``l_i``/``m_i``), whose V is in stage
@@ -201,13 +224,13 @@ def _kv_loop(acc, alpha, m_i, l_i, p, p_buf, l_sink, q, k_smem, v_smem, bars, it
                               gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout)), 1)
         mbarrier.wait(v_ready.index(prev), ((it - 1) // STAGES) & 1)
-        acc_tok = warpgroup_mma(p, tile_2d(v_smem.index(prev)), acc, is_async=True)
+        acc_tok = warpgroup_mma(p, _v_operand(v_smem.index(prev), FP8), acc, is_async=True)
         _pass_turn(turn, me, PINGPONG)
         turns += 1
         s = warpgroup_mma_wait(1, deps=(s_tok,))
         mbarrier.arrive(k_empty.index(stage), count=1)
         p_new, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, rows, n, seq_k, qk_scale, s_layout, BLOCK_N, CAUSAL,
-                                                MASKED)
+                                                MASKED, FP8)
         l_sink.store(l_i)  # needs every exponential; ptxas keeps it ahead of the wait (module docstring)
         acc = warpgroup_mma_wait(0, deps=(acc_tok,))
         mbarrier.arrive(v_empty.index(prev), count=1)
@@ -218,19 +241,20 @@ def _kv_loop(acc, alpha, m_i, l_i, p, p_buf, l_sink, q, k_smem, v_smem, bars, it
 
 @gluon.jit
 def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr, PINGPONG: gl.constexpr,
-              P_SMEM: gl.constexpr):
+              P_SMEM: gl.constexpr, FP8: gl.constexpr):
     """Consumer warpgroup ``me``: the attention of its 64 rows of every tile, and their epilogue."""
     (q_smem, k_smem, v_smem, p_smem, l_smem, bars, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale, seq_q, seq_k,
-     heads, group, num_m_blocks, num_tiles) = args
+     heads, group, num_m_blocks, num_tiles, descales) = args
     BLOCK_M: gl.constexpr = q_smem.shape[2]
     HEAD_DIM: gl.constexpr = q_smem.shape[3]
     BLOCK_N: gl.constexpr = k_smem.shape[3]
     STAGES: gl.constexpr = k_smem.shape[0]
     ROWS: gl.constexpr = BLOCK_M // 2
     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn = bars
-    s_layout: gl.constexpr = wgmma_layout(BLOCK_N)
-    o_layout: gl.constexpr = wgmma_layout(HEAD_DIM)
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    INSTR_K: gl.constexpr = 256 // q_smem.dtype.primitive_bitwidth
+    s_layout: gl.constexpr = wgmma_layout(BLOCK_N, INSTR_K)
+    o_layout: gl.constexpr = wgmma_layout(HEAD_DIM, INSTR_K)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=INSTR_K // 8)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     batch_heads = num_tiles // num_m_blocks
     q = tile_2d(q_smem).slice(me * ROWS, ROWS)
@@ -244,6 +268,7 @@ def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.const
     t = 0
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
         batch, head, kv_head, m_block = _tile_coords(tile, num_m_blocks, batch_heads, heads, group, CAUSAL)
+        tile_scale, o_scale = _tile_scales(qk_scale, descales, batch, head, kv_head, FP8)
         first_masked, end = _key_blocks(m_block, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
         rows = m_block * BLOCK_M + me * ROWS + gl.arange(0, ROWS, layout=row_layout)
         m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
@@ -260,39 +285,61 @@ def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.const
         turns += 1
         s = warpgroup_mma_wait(0, deps=(s_tok,))
         mbarrier.arrive(k_empty.index(stage), count=1)
-        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, rows, 0, seq_k, qk_scale, s_layout, BLOCK_N, CAUSAL, True)
+        p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, rows, 0, seq_k, tile_scale, s_layout, BLOCK_N, CAUSAL, True,
+                                            FP8)
         p = _p_operand(p.to(q.dtype), p_buf, p_layout, P_SMEM)
         it += 1
         full_end = gl.maximum(gl.minimum(first_masked, end), 1)
         acc, alpha, m_i, l_i, p, it, turns = _kv_loop(
             acc, alpha, m_i, l_i, p, p_buf, l_sink, q, k_smem, v_smem, bars, it, turns, 1, full_end, rows, seq_k,
-            qk_scale, me, s_layout, p_layout, BLOCK_N, STAGES, CAUSAL, False, PINGPONG, P_SMEM)
+            tile_scale, me, s_layout, p_layout, BLOCK_N, STAGES, CAUSAL, False, PINGPONG, P_SMEM, FP8)
         acc, alpha, m_i, l_i, p, it, turns = _kv_loop(
             acc, alpha, m_i, l_i, p, p_buf, l_sink, q, k_smem, v_smem, bars, it, turns, full_end, end, rows, seq_k,
-            qk_scale, me, s_layout, p_layout, BLOCK_N, STAGES, CAUSAL, True, PINGPONG, P_SMEM)
+            tile_scale, me, s_layout, p_layout, BLOCK_N, STAGES, CAUSAL, True, PINGPONG, P_SMEM, FP8)
         mbarrier.arrive(q_empty, count=1)  # every S of this tile is done: the loader may fetch the next Q
         prev = (it - 1) % STAGES
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout)), 1)
         mbarrier.wait(v_ready.index(prev), ((it - 1) // STAGES) & 1)
-        acc = warpgroup_mma(p, tile_2d(v_smem.index(prev)), acc, is_async=True)
+        acc = warpgroup_mma(p, _v_operand(v_smem.index(prev), FP8), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(v_empty.index(prev), count=1)
-        _epilogue(acc, m_i, l_i, rows, batch, head, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, seq_q,
-                  o_layout, HEAD_DIM, ACCUMULATE)
+        _epilogue(acc, m_i, l_i, o_scale, rows, batch, head, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, seq_q,
+                  o_layout, HEAD_DIM, ACCUMULATE, FP8)
         t += 1
 
 
 @gluon.jit
-def _epilogue(acc, m_i, l_i, rows, batch, head, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, seq_q,
-              o_layout: gl.constexpr, HEAD_DIM: gl.constexpr, ACCUMULATE: gl.constexpr):
-    """out = acc / l and lse (natural log), merged into what ``out``/``lse`` hold when ACCUMULATE."""
+def _tile_scales(qk_scale, descales, batch, head, kv_head, FP8: gl.constexpr):
+    """(scale of S in base 2, scale of O) of a tile: FP8 folds in q/k descales and v's, 16-bit has none."""
+    if FP8:
+        q_d, k_d, v_d, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh = descales
+        tile_scale = (qk_scale * gl.load(q_d + batch * s_qb + head * s_qh)
+                      * gl.load(k_d + batch * s_kb + kv_head * s_kh))
+        o_scale = gl.load(v_d + batch * s_vb + kv_head * s_vh)
+    else:
+        tile_scale = qk_scale
+        o_scale = 1.0
+    return tile_scale, o_scale
+
+
+@gluon.jit
+def _epilogue(acc, m_i, l_i, o_scale, rows, batch, head, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, seq_q,
+              o_layout: gl.constexpr, HEAD_DIM: gl.constexpr, ACCUMULATE: gl.constexpr, FP8: gl.constexpr):
+    """out = acc / l and lse (natural log), merged into what ``out``/``lse`` hold when ACCUMULATE.
+
+    FP8: acc is in units of V's descale (``o_scale``) and l carries P's 2^8 offset.
+    """
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     # Torch strides are never negative: the int64 offsets zero-extend them, which takes no register (ptxas
     # hoists a sign extension to the kernel's entry, ahead of the partitions, and had to spill it there).
     gl.assume((s_ob >= 0) & (s_os >= 0) & (s_oh >= 0) & (s_lb >= 0) & (s_lh >= 0))
     has_keys = l_i > 0.0
-    lse2 = gl.where(has_keys, m_i + gl.log2(l_i), float("-inf"))
-    inv = gl.convert_layout(1.0 / gl.where(has_keys, l_i, 1.0), o_rows)
+    if FP8:
+        lse2 = gl.where(has_keys, m_i + gl.log2(l_i) - P_LOG2_OFFSET, float("-inf"))
+        inv = gl.convert_layout(o_scale / gl.where(has_keys, l_i, 1.0), o_rows)
+    else:
+        lse2 = gl.where(has_keys, m_i + gl.log2(l_i), float("-inf"))
+        inv = gl.convert_layout(1.0 / gl.where(has_keys, l_i, 1.0), o_rows)
     out = acc * gl.expand_dims(inv, 1)
     rows_o = gl.convert_layout(rows, o_rows)
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
@@ -321,9 +368,10 @@ def _epilogue(acc, m_i, l_i, rows, batch, head, o_ptr, lse_ptr, s_ob, s_os, s_oh
 
 @gluon.jit
 def _gluon_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale, seq_q, seq_k, heads,
-                group, num_m_blocks, num_tiles, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                STAGES: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr, PINGPONG: gl.constexpr,
-                P_SMEM: gl.constexpr):
+                group, num_m_blocks, num_tiles, q_d, k_d, v_d, s_qdb, s_qdh, s_kdb, s_kdh, s_vdb, s_vdh,
+                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr, PINGPONG: gl.constexpr, P_SMEM: gl.constexpr,
+                FP8: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -351,13 +399,14 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, s_ob, s_os, s_oh, 
     for i in gl.static_range(2):
         mbarrier.init(turn.index(i), count=1)
     bars = (q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn)
+    descales = (q_d, k_d, v_d, s_qdb, s_qdh, s_kdb, s_kdh, s_vdb, s_vdh)
     consumer_args = (q_smem, k_smem, v_smem, p_smem, l_smem, bars, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale,
-                     seq_q, seq_k, heads, group, num_m_blocks, num_tiles)
+                     seq_q, seq_k, heads, group, num_m_blocks, num_tiles, descales)
     gl.warp_specialize([
-        (_consumer, (consumer_args, 0, CAUSAL, ACCUMULATE, PINGPONG, P_SMEM)),
-        (_consumer, (consumer_args, 1, CAUSAL, ACCUMULATE, PINGPONG, P_SMEM)),
+        (_consumer, (consumer_args, 0, CAUSAL, ACCUMULATE, PINGPONG, P_SMEM, FP8)),
+        (_consumer, (consumer_args, 1, CAUSAL, ACCUMULATE, PINGPONG, P_SMEM, FP8)),
         (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_k, heads, group, num_m_blocks, num_tiles,
-                   CAUSAL)),
+                   CAUSAL, FP8)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -383,11 +432,23 @@ GLUON_CONFIGS: dict[int, list[GluonConfig]] = {
     256: [GluonConfig(64, 2, True), GluonConfig(64, 2, True, True), GluonConfig(32, 3, True, True),
           GluonConfig(64, 2, False)],
 }
+# The FP8 forward's. P goes through shared memory: the 8-bit wgmma A operand wants each thread's four
+# consecutive keys where the S accumulator gives it pairs, and the register shuffle that moves them
+# cost 10-25% against the store (H200, S = 16K: 798 against 697 TFLOP/s at D = 128, 1139 against 887
+# at D = 256, tools/gluon_sweep.py --pass fp8). FA3's own FP8 tiles are 192 x 160 at D = 64, 128 x 224
+# (128 causal) at 128 and 128 x 128 at 256. 256-wide key blocks spill at D = 64 and 128
+# (tools/cross_compile.py: 600 B of stack), as do 128-wide ones at D = 256 with P in registers.
+GLUON_FP8_CONFIGS: dict[int, list[GluonConfig]] = {
+    64: [GluonConfig(128, 2, True, True), GluonConfig(128, 3, True, True), GluonConfig(128, 4, True)],
+    128: [GluonConfig(128, 3, True, True), GluonConfig(128, 2, True, True), GluonConfig(128, 3, False, True),
+          GluonConfig(128, 3, False)],
+    256: [GluonConfig(128, 2, True, True), GluonConfig(64, 3, True, True), GluonConfig(64, 4, True)],
+}
 
 
 def gluon_supported(q: torch.Tensor, out: torch.Tensor | None) -> str | None:
     """Why the Gluon forward cannot take this call (None when it can)."""
-    reason = unsupported_reason(q, GLUON_DTYPES, GLUON_HEAD_DIMS)
+    reason = unsupported_reason(q, GLUON_DTYPES + (torch.float8_e4m3fn,), GLUON_HEAD_DIMS)
     if reason is None and out is not None and out.stride(-1) != 1:
         return "out without unit last stride"
     return reason
@@ -395,20 +456,33 @@ def gluon_supported(q: torch.Tensor, out: torch.Tensor | None) -> str | None:
 
 def gluon_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
                  cfg: GluonConfig, out: torch.Tensor, lse: torch.Tensor, accumulate: bool, *,
+                 descales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                  num_programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the Gluon forward on checked, TMA-ready inputs into ``out``/``lse`` (merging with ``accumulate``)."""
+    """Run the Gluon forward on checked, TMA-ready inputs into ``out``/``lse`` (merging with ``accumulate``).
+
+    FP8 (float8_e4m3fn q, k, v): ``v`` is (B, H_kv, D, S_k) with S_k contiguous (``fp8.kmajor_v``) and
+    ``descales`` the (B, H), (B, H_kv), (B, H_kv) float32 descales of q, k and v.
+    """
     batch, seq_q, heads, head_dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     num_m_blocks = triton.cdiv(seq_q, BLOCK_M)
     num_tiles = batch * heads * num_m_blocks
     if num_tiles == 0:
         return out, lse
+    fp8 = q.dtype == torch.float8_e4m3fn
+    if fp8 != (descales is not None):
+        raise ValueError("the Gluon forward takes descales with float8_e4m3fn inputs, and only with them")
+    if fp8:
+        v_desc = bhds_descriptor(v, cfg.block_n)
+        descale_args = [*descales, *(stride for d in descales for stride in d.stride())]
+    else:
+        v_desc = bhsd_descriptor(v, cfg.block_n, head_dim)
+        descale_args = [lse, lse, lse, 0, 0, 0, 0, 0, 0]  # not read
     programs = min(num_tiles, num_programs or num_sms(q.device))
     _gluon_fwd_kernel[(programs,)](
-        bhsd_descriptor(q, BLOCK_M, head_dim), bhsd_descriptor(k, cfg.block_n, head_dim),
-        bhsd_descriptor(v, cfg.block_n, head_dim), out, lse,
+        bhsd_descriptor(q, BLOCK_M, head_dim), bhsd_descriptor(k, cfg.block_n, head_dim), v_desc, out, lse,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), softmax_scale * LOG2E,
-        seq_q, seq_k, heads, heads // kv_heads, num_m_blocks, num_tiles,
+        seq_q, seq_k, heads, heads // kv_heads, num_m_blocks, num_tiles, *descale_args,
         HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal,
-        ACCUMULATE=accumulate, PINGPONG=cfg.pingpong, P_SMEM=cfg.p_smem, num_warps=4, maxnreg=MAXNREG)
+        ACCUMULATE=accumulate, PINGPONG=cfg.pingpong, P_SMEM=cfg.p_smem, FP8=fp8, num_warps=4, maxnreg=MAXNREG)
     return out, lse

@@ -39,11 +39,16 @@ def bhsd_view(t: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
     replaced by an aligned one whatever torch reports.
     """
     view = t.transpose(1, 2)
-    strides = list(view.stride())
-    for dim in range(view.dim() - 2, -1, -1):
-        if view.shape[dim] == 1:
-            strides[dim] = strides[dim + 1] * view.shape[dim + 1]
-    return view, list(view.shape), strides
+    return view, list(view.shape), tma_strides(view)
+
+
+def tma_strides(t: torch.Tensor) -> list[int]:
+    """``t``'s strides, with those of size-1 dims (which never address memory) made aligned ones."""
+    strides = list(t.stride())
+    for dim in range(t.dim() - 2, -1, -1):
+        if t.shape[dim] == 1:
+            strides[dim] = strides[dim + 1] * t.shape[dim + 1]
+    return strides
 
 
 def descriptor(t: torch.Tensor, block_rows: int, block_dim: int) -> TensorDescriptor:

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import gluon_fwd
+from . import fp8, gluon_fwd
 from .autotune import Config, make_config, pick_config, source_hash, tuning_key
 from .checks import check_qkv, resolve_scale
 from .common import (LOG2E, SMEM_BYTES, TL_LN2, TL_LOG2E, check_device, dot_precision, kernel_path, note_path,
@@ -249,8 +249,10 @@ def _choose_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sc
     return pick_config({**key, "path": path}, candidate_configs(q.shape[3], q.dtype) + gluon, trial)
 
 
-def _check_out(q: torch.Tensor, out: torch.Tensor | None, lse: torch.Tensor | None, accumulate: bool) -> None:
-    """Check caller-given output buffers: both or neither, shaped like q and (B, H, Sq), TMA-addressable."""
+def _check_out(q: torch.Tensor, out: torch.Tensor | None, lse: torch.Tensor | None, accumulate: bool,
+               out_dtypes: tuple[torch.dtype, ...] | None = None) -> None:
+    """Check caller-given output buffers: both or neither, shaped like q and (B, H, Sq), TMA-addressable,
+    out of ``out_dtypes`` (default: q's dtype or float32)."""
     if not isinstance(accumulate, bool):
         raise TypeError(f"accumulate must be a bool, got {type(accumulate).__name__}")
     if out is None and lse is None:
@@ -260,8 +262,10 @@ def _check_out(q: torch.Tensor, out: torch.Tensor | None, lse: torch.Tensor | No
     if out is None or lse is None:
         raise ValueError("out and lse must be given together")
     batch, seq_q, heads, _ = q.shape
-    if out.shape != q.shape or out.device != q.device or out.dtype not in (q.dtype, torch.float32):
-        raise ValueError(f"out must be shaped like q {tuple(q.shape)} on {q.device} with q's dtype or float32; "
+    out_dtypes = out_dtypes or (q.dtype, torch.float32)
+    if out.shape != q.shape or out.device != q.device or out.dtype not in out_dtypes:
+        names = " or ".join(str(d).removeprefix("torch.") for d in dict.fromkeys(out_dtypes))
+        raise ValueError(f"out must be shaped like q {tuple(q.shape)} on {q.device} with dtype {names}; "
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
     if not tma_addressable(out):
         raise ValueError(f"out must be addressable by TMA (unit last stride, 16-byte aligned), got strides {out.stride()}")
@@ -272,8 +276,9 @@ def _check_out(q: torch.Tensor, out: torch.Tensor | None, lse: torch.Tensor | No
 
 
 def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scale: float, causal: bool,
-              out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
-              accumulate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+              out: torch.Tensor | None = None, lse: torch.Tensor | None = None, accumulate: bool = False,
+              q_descale: torch.Tensor | None = None, k_descale: torch.Tensor | None = None,
+              v_descale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention forward: out (B, Sq, H, D) like q, and lse float32 (B, H, Sq), natural log.
 
     q is (B, Sq, H, D), k and v (B, Sk, H_kv, D) with H % H_kv == 0; fp16, bf16 or float32 on CUDA
@@ -283,7 +288,14 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scal
     ``out`` (q's dtype or float32, may be a view) and ``lse`` given: the result goes into them, and
     with ``accumulate=True`` it is merged with the attention they already hold (over other keys),
     exactly as ``fa3dist.ring.merge_block_`` would. Both are returned.
+
+    FP8: float8_e4m3fn q, k and v, each with its float32 descale (``q_descale`` (1,) or (B, H),
+    ``k_descale``/``v_descale`` (1,) or (B, H_kv); see ``fp8.quantize_qkv``), give a bfloat16 out
+    (or the given bf16/float32 ``out``); see ``_fp8_fwd``.
     """
+    descales = fp8.check_fp8_inputs(q, k, v, q_descale, k_descale, v_descale, causal=causal)
+    if descales is not None:
+        return _fp8_fwd(q, k, v, descales, softmax_scale, causal, out, lse, accumulate)
     check_qkv(q, k, v, causal=causal, dtypes=(torch.float16, torch.bfloat16, torch.float32),
               max_head_dim=256, head_dim_multiple=8)
     if softmax_scale is None:
@@ -296,3 +308,58 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scal
     note_path("flash_fwd", cfg.get("path", "tl"), "(FA3DIST_KERNEL=%s) q=%s k=%s %s causal=%s accumulate=%s config=%s",
               kernel_path(), tuple(q.shape), tuple(k.shape), q.dtype, causal, accumulate, cfg)
     return _launch(q, k, v, softmax_scale, causal, cfg, out, lse, accumulate)
+
+
+def _fp8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descales: tuple[torch.Tensor, ...],
+             softmax_scale: float, causal: bool, out: torch.Tensor | None, lse: torch.Tensor | None,
+             accumulate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 forward of checked e4m3 inputs with (B, heads) descales.
+
+    On sm_90 (and unless FA3DIST_KERNEL=tl) the Gluon kernel: FP8 Q K^T, P = 2^8 exp(S - m)
+    rounded to e4m3 for an FP8 P V, fp32 accumulators. Its P V needs V with the keys contiguous:
+    ``fp8.kmajor_v`` transposes V first unless it already is (the ring keeps it so). Elsewhere (the
+    CPU, other GPUs) the ``tl`` kernel in float32 on the dequantized inputs, with P unrounded.
+    """
+    if softmax_scale is None:
+        raise TypeError("softmax_scale must be a positive float, got None")
+    softmax_scale = resolve_scale(softmax_scale, q.shape[-1])
+    _check_out(q, out, lse, accumulate, (torch.bfloat16, torch.float32))
+    if out is None:
+        batch, seq_q, heads, _ = q.shape
+        out = torch.empty(q.shape, dtype=torch.bfloat16, device=q.device)
+        lse = torch.empty(batch, heads, seq_q, device=q.device, dtype=torch.float32)
+    reason = None if kernel_path() != "tl" else "FA3DIST_KERNEL=tl"
+    reason = reason or gluon_fwd.gluon_supported(q, out)
+    if reason is not None:
+        note_path("flash_fwd", "tl", "FP8 inputs dequantized to float32 (%s): q=%s k=%s causal=%s", reason,
+                  tuple(q.shape), tuple(k.shape), causal)
+        qf, kf, vf = (t.to(torch.float32) * d[:, None, :, None] for t, d in zip((q, k, v), descales))
+        target = out if out.dtype == torch.float32 else out.float()
+        flash_fwd(qf, kf, vf, softmax_scale=softmax_scale, causal=causal, out=target, lse=lse, accumulate=accumulate)
+        if target is not out:
+            out.copy_(target)
+        return out, lse
+    check_device(q, "flash_fwd")
+    if q.numel() == 0:
+        return out, lse
+    if k.shape[1] == 0:  # no key: every row is empty (TMA cannot describe an empty tensor)
+        if not accumulate:
+            out.zero_()
+            lse.fill_(float("-inf"))
+        return out, lse
+    q, k = tma_ready(q), tma_ready(k)
+    vt = fp8.kmajor_v(v).permute(0, 2, 3, 1)
+    key = tuning_key("flash_fwd_fp8", source_hash(__file__) + source_hash(gluon_fwd.__file__), q, k, causal=causal,
+                     out_dtype=str(out.dtype).removeprefix("torch."), accumulate=accumulate)
+
+    def launch(cfg: Config, target: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        gcfg = gluon_fwd.GluonConfig(cfg["BLOCK_N"], cfg["STAGES"], cfg["PINGPONG"], cfg["P_SMEM"])
+        return gluon_fwd.gluon_launch(q, k, vt, softmax_scale, causal, gcfg, *target, accumulate, descales=descales)
+
+    candidates = [{"path": "gluon", "BLOCK_N": c.block_n, "STAGES": c.stages, "PINGPONG": c.pingpong,
+                   "P_SMEM": c.p_smem} for c in gluon_fwd.GLUON_FP8_CONFIGS[q.shape[-1]]]
+    # P's rounding depends on the key block: the candidates differ by a few e4m3 steps, not 2e-2
+    cfg = pick_config(key, candidates, lambda c: launch(c, (out.clone(), lse.clone())), tolerance=5e-2)
+    note_path("flash_fwd", "gluon", "FP8 q=%s k=%s causal=%s accumulate=%s config=%s", tuple(q.shape),
+              tuple(k.shape), causal, accumulate, cfg)
+    return launch(cfg, (out, lse))

@@ -89,8 +89,8 @@ def _compile_hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled)
 def compile_all(dims: list[int]) -> None:
     """Make every kernel launch the forward and backward can make at head dims ``dims`` (bf16): each
     tuning candidate plain, into fp32 buffers with accumulation, and (backward) for dK/dV or dQ alone;
-    the Gluon forward's and backward's candidates at the head dims they take."""
-    from fa3dist.kernels import gluon_bwd, gluon_fwd, triton_bwd, triton_fwd
+    the Gluon forward's (bf16 and FP8) and backward's candidates at the head dims they take."""
+    from fa3dist.kernels import fp8, gluon_bwd, gluon_fwd, triton_bwd, triton_fwd
 
     for head_dim in dims:
         for causal in (False, True):
@@ -103,6 +103,13 @@ def compile_all(dims: list[int]) -> None:
             for cfg in gluon_fwd.GLUON_CONFIGS.get(head_dim, []):
                 gluon_fwd.gluon_launch(q, k, v, 0.1, causal, cfg, torch.empty_like(q), lse.clone(), False, num_programs=1)
                 gluon_fwd.gluon_launch(q, k, v, 0.1, causal, cfg, torch.zeros(q.shape), lse.clone(), True, num_programs=1)
+            q8, k8 = (t.to(torch.float8_e4m3fn) for t in (q, k))
+            vt8 = fp8.kmajor_v(v.to(torch.float8_e4m3fn)).permute(0, 2, 3, 1)
+            descales = (torch.ones(1, 4), torch.ones(1, 2), torch.ones(1, 2))
+            for cfg in gluon_fwd.GLUON_FP8_CONFIGS.get(head_dim, []):
+                for out_buf, accumulate in ((torch.empty_like(q), False), (torch.zeros(q.shape), True)):
+                    gluon_fwd.gluon_launch(q8, k8, vt8, 0.1, causal, cfg, out_buf, lse.clone(), accumulate,
+                                           descales=descales, num_programs=1)
             problem = triton_bwd._preprocess(do, q, k, v, out, lse, 0.1, causal)
             dq, dk, dv = (torch.zeros(t.shape) for t in (q, k, v))
             for cfg in triton_bwd.candidate_configs(head_dim, q.dtype):
@@ -120,7 +127,7 @@ def compare(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> tuple[list[
     """(changed, missing): kernels of ``old`` whose PTX differs in ``new``, and those ``new`` does not
     compile. Matched by name, options and ``old``'s constexprs, the constexprs added since at their
     defaults (no accumulation); ``new`` may have more parameters."""
-    defaults = {"ACCUMULATE": "False", "DQ_DIRECT": "False"}
+    defaults = {"ACCUMULATE": "False", "DQ_DIRECT": "False", "FP8": "False"}
     changed, missing = set(), set()
     for rec in old:
         name = f"{rec['kernel']} warps={rec['num_warps']} stages={rec['num_stages']} {rec['constexprs']}"

@@ -5,6 +5,7 @@
 #   tests       the Gluon GPU tests (tests/gpu/test_gluon_{fwd,bwd}_gpu.py)
 #   sweep-fwd   tools/gluon_sweep.py --pass fwd $SWEEP_ARGS
 #   sweep-bwd   tools/gluon_sweep.py --pass bwd $SWEEP_ARGS
+#   sweep-fp8   tools/gluon_sweep.py --pass fp8 --fp8-ceiling $SWEEP_ARGS
 # With fa3's wheels installed (tools/device_session.sh fa3) the sweeps time fa3 too.
 # Logs and sweep JSON go to $OUT (bundle.tgz); the sweep tables are printed last.
 set -u
@@ -25,11 +26,11 @@ for step in "$@"; do
     smoke) TAIL=12 run smoke "${SMOKE_TIMEOUT:-150}" python3 tools/gluon_smoke.py || { echo "smoke failed: stopping"; break; } ;;
     tests) run tests "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider --maxfail=5 \
              ${TEST_FILES:-tests/gpu/test_gluon_bwd_gpu.py tests/gpu/test_gluon_fwd_gpu.py} ;;
-    sweep-fwd|sweep-bwd) pass=${step#sweep-}
+    sweep-fwd|sweep-bwd|sweep-fp8) pass=${step#sweep-}
              TAIL=0 run "$step" "${SWEEP_TIMEOUT:-240}" python3 tools/gluon_sweep.py --pass "$pass" \
-               --out "$OUT/logs/gluon_sweep_$pass.json" ${SWEEP_ARGS:-} ;;
+               --out "$OUT/logs/gluon_sweep_$pass.json" $([ "$pass" = fp8 ] && echo --fp8-ceiling) ${SWEEP_ARGS:-} ;;
     *) echo "unknown step $step" ;;
   esac
 done
-grep -h "^fwd D=\|^bwd D=" "$OUT"/logs/sweep-*.txt 2>/dev/null
+grep -h "^fwd D=\|^bwd D=\|^fp8 D=\|^cuBLAS" "$OUT"/logs/sweep-*.txt 2>/dev/null
 tar czf "$OUT/bundle.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"

@@ -1,4 +1,5 @@
-"""One small launch of every Gluon kernel (forward and backward, default config) against float64.
+"""One small launch of every Gluon kernel (forward bf16 and FP8, backward; default config) against float64
+(FP8: against its float64 emulation, ``fp8.fp8_reference_fwd``).
 
 The first thing a device call runs, under ``timeout``: a barrier protocol that deadlocks shows as a
 hang here, in seconds, before the tests and sweeps spend the call's time.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fa3dist.kernels import gluon_bwd, gluon_fwd
+from fa3dist.kernels import fp8, gluon_bwd, gluon_fwd
 from fa3dist.kernels.numerics import relative_error
 from fa3dist.kernels.reference import reference_bwd, reference_fwd
 from fa3dist.kernels.triton_bwd import flash_bwd_config
@@ -35,6 +36,16 @@ def main() -> int:
                 errs = relative_error(out, ref_out), relative_error(lse, ref_lse)
                 worst = max(worst, *errs)
                 line += f" fwd out {errs[0]:.3g} lse {errs[1]:.3g};"
+                x = fp8.quantize_qkv(q, k, v, granularity="head")
+                descales = fp8.check_fp8_inputs(x.q, x.k, x.v, x.q_descale, x.k_descale, x.v_descale)
+                cfg8 = gluon_fwd.GLUON_FP8_CONFIGS[dim][0]
+                gluon_fwd.gluon_launch(x.q, x.k, fp8.kmajor_v(x.v).permute(0, 2, 3, 1), scale, causal, cfg8, out, lse,
+                                       False, descales=descales)
+                emu_out, emu_lse = fp8.fp8_reference_fwd(x.q, x.k, x.v, x.q_descale, x.k_descale, x.v_descale,
+                                                         softmax_scale=scale, causal=causal, block_n=cfg8.block_n)
+                errs = relative_error(out, emu_out), relative_error(lse, emu_lse)
+                worst = max(worst, *errs)
+                line += f" fp8 fwd out {errs[0]:.3g} lse {errs[1]:.3g};"
             if dim in gluon_bwd.GLUON_BWD_HEAD_DIMS:
                 out, lse = ref_out.to(q.dtype), ref_lse.float()
                 ref = reference_bwd(do.double(), q.double(), k.double(), v.double(), out.double(), lse.double(),

@@ -1,10 +1,12 @@
 """Check and time every Gluon config, forward or backward, against cuDNN, our tuned ``tl`` kernel and FA3
-(when installed).
+(when installed); ``--pass fp8``: every FP8 forward config against the bf16 ones (ours, FA3, cuDNN).
 
 One device call: ``python tools/gluon_sweep.py --pass bwd --out $OUT/gluon_sweep_bwd.json``. Each cell
 draws fresh inputs; an implementation is timed only after its output (forward: out; backward: dq, dk
 and dv for cuDNN's out/LSE) matched float64 within 1.5x cuDNN's error, or, for cells too big for a
-float64 reference, cuDNN within 1e-2. Figures are TFLOP/s as the FlashAttention papers count them
+float64 reference, cuDNN within 1e-2 (FP8: 1e-1; its error is reported). FP8 runs on the bf16 inputs
+quantized per tensor with incoherent processing, V already K-major (the quantization and transpose are
+not timed). Figures are TFLOP/s as the FlashAttention papers count them
 (forward 4*B*H*S^2*D, halved when causal; backward 2.5x that), medians of ``triton.testing.do_bench``,
 all implementations in the same process.
 """
@@ -20,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from fa3dist.bench.common import attention_flops, run_meta, time_ms
-from fa3dist.kernels import gluon_bwd, gluon_fwd, triton_bwd, triton_fwd
+from fa3dist.kernels import fp8, gluon_bwd, gluon_fwd, triton_bwd, triton_fwd
 from fa3dist.kernels.fa3 import unavailable_reason
 from fa3dist.kernels.numerics import relative_error
 from fa3dist.kernels.reference import reference_bwd, reference_fwd
@@ -50,6 +52,25 @@ def _fwd_impls(q, k, v, scale, causal, fa3) -> dict[str, Impl]:
         name = f"gluon {cfg.block_n}/{cfg.stages}/{'pp' if cfg.pingpong else 'no-pp'}{'/ss' if cfg.p_smem else ''}"
         impls[name] = lambda cfg=cfg, out=out, lse=lse: gluon_fwd.gluon_launch(q, k, v, scale, causal, cfg, out, lse,
                                                                               False)[:1]
+    return impls
+
+
+def _fp8_impls(q, k, v, scale, causal, fa3) -> dict[str, Impl]:
+    impls: dict[str, Impl] = {"cudnn": lambda: cudnn_fwd(q, k, v, softmax_scale=scale, causal=causal)[:1]}
+    if fa3 is not None:
+        impls["fa3"] = lambda: fa3.fa3_fwd(q, k, v, softmax_scale=scale, causal=causal)[:1]
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device="cuda")
+    bf16_cfg = gluon_fwd.GLUON_CONFIGS[q.shape[-1]][0]
+    impls["gluon bf16"] = lambda: gluon_fwd.gluon_launch(q, k, v, scale, causal, bf16_cfg, out, lse, False)[:1]
+    x = fp8.quantize_qkv(q, k, v, incoherent=True)
+    descales = fp8.check_fp8_inputs(x.q, x.k, x.v, x.q_descale, x.k_descale, x.v_descale, causal=causal)
+    vt = fp8.kmajor_v(x.v).permute(0, 2, 3, 1)
+    for cfg in gluon_fwd.GLUON_FP8_CONFIGS.get(q.shape[-1], []):
+        out8 = torch.full_like(q, float("nan"))
+        name = f"fp8 {cfg.block_n}/{cfg.stages}/{'pp' if cfg.pingpong else 'no-pp'}{'/ss' if cfg.p_smem else ''}"
+        impls[name] = lambda cfg=cfg, out8=out8: gluon_fwd.gluon_launch(
+            x.q, x.k, vt, scale, causal, cfg, out8, lse, False, descales=descales)[:1]
     return impls
 
 
@@ -83,19 +104,21 @@ def sweep(args) -> list[dict]:
         k, v = (torch.randn(batch, seq, kv_heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
                 for _ in range(2))
         scale = 1 / math.sqrt(dim)
-        flops = attention_flops(batch, heads, seq, dim, causal, args.pass_)
+        flops = attention_flops(batch, heads, seq, dim, causal, "bwd" if args.pass_ == "bwd" else "fwd")
         base = {"B": batch, "S": seq, "H": heads, "Hkv": kv_heads, "D": dim, "causal": causal, "pass": args.pass_}
         out, lse = cudnn_fwd(q, k, v, softmax_scale=scale, causal=causal)
         if args.pass_ == "fwd":
             impls = _fwd_impls(q, k, v, scale, causal, fa3)
+        elif args.pass_ == "fp8":
+            impls = _fp8_impls(q, k, v, scale, causal, fa3)
         else:
             do = torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=gen)
             impls = _bwd_impls(q, k, v, scale, causal, fa3, do, out, lse)
         theirs = impls["cudnn"]()
-        small = batch * heads * seq * seq <= (2 ** 31 if args.pass_ == "fwd" else 2 ** 29)
+        small = batch * heads * seq * seq <= (2 ** 29 if args.pass_ == "bwd" else 2 ** 31)
         if small:  # float64 scores up to 16 GB (forward) or 4 GB (backward, three of them)
             q64, k64, v64 = q.double(), k.double(), v.double()
-            if args.pass_ == "fwd":
+            if args.pass_ != "bwd":
                 ref = reference_fwd(q64, k64, v64, softmax_scale=scale, causal=causal)[:1]
             else:
                 ref = reference_bwd(do.double(), q64, k64, v64, out.double(), lse.double(), softmax_scale=scale,
@@ -108,9 +131,9 @@ def sweep(args) -> list[dict]:
             try:
                 got = fn()
                 torch.cuda.synchronize()
-                row.update(rel_err=max(relative_error(a, b) for a, b in zip(got, ref)), bound=bound,
-                           against="float64" if small else "cudnn")
-                if not row["rel_err"] <= bound:
+                row.update(rel_err=max(relative_error(a, b) for a, b in zip(got, ref)),
+                           bound=1e-1 if name.startswith("fp8") else bound, against="float64" if small else "cudnn")
+                if not row["rel_err"] <= row["bound"]:
                     raise AssertionError(f"disagrees with {row['against']}")
                 ms = _time(fn, args)
                 row.update(ms=ms, tflops=flops / ms / 1e9)
@@ -123,25 +146,40 @@ def sweep(args) -> list[dict]:
     return rows
 
 
+def fp8_gemm_tflops(args, n: int = 8192) -> float:
+    """TFLOP/s of cuBLAS's e4m3 GEMM (torch._scaled_mm, bf16 out) at n^3: the FP8 forward's ceiling."""
+    a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn).t()  # column-major, as cuBLAS wants it
+    one = torch.ones((), device="cuda")
+    ms = _time(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16), args)
+    return 2 * n ** 3 / ms / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--pass", dest="pass_", choices=("fwd", "bwd"), default="fwd")
+    parser.add_argument("--pass", dest="pass_", choices=("fwd", "bwd", "fp8"), default="fwd")
+    parser.add_argument("--fp8-ceiling", action="store_true", help="also time torch._scaled_mm at 8192^3 (meta)")
     parser.add_argument("--head-dims", type=int, nargs="*")
     parser.add_argument("--seq-lens", type=int, nargs="*")
     parser.add_argument("--warmup-ms", type=float, default=25)
     parser.add_argument("--rep-ms", type=float, default=100)
     args = parser.parse_args()
     rows = sweep(args)
+    meta = run_meta(1)
+    if args.fp8_ceiling:
+        meta["fp8_gemm_ceiling"] = fp8_gemm_tflops(args)
+        print("cuBLAS fp8 GEMM (torch._scaled_mm) 8192^3:", meta["fp8_gemm_ceiling"], flush=True)
     with open(args.out, "w") as f:
-        json.dump({"meta": run_meta(1), "rows": rows}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
     cells = sorted({(r["D"], r["S"], r["B"], r["H"], r["Hkv"], r["causal"]) for r in rows})
     for cell in cells:
         found = {r["impl"]: r.get("tflops") for r in rows if (r["D"], r["S"], r["B"], r["H"], r["Hkv"], r["causal"]) == cell}
-        gluon = [(t, n) for n, t in found.items() if n.startswith("gluon") and t]
+        own = "fp8" if args.pass_ == "fp8" else "gluon"
+        gluon = [(t, n) for n, t in found.items() if n.startswith(own) and t]
         best = max(gluon) if gluon else (None, None)
         line = " ".join(f"{n}={t:.0f}" if t else f"{n}=ERR" for n, t in found.items())
-        ratio = f" best gluon/cudnn={best[0] / found['cudnn']:.3f}" if best[0] and found.get("cudnn") else ""
+        ratio = f" best {own}/cudnn={best[0] / found['cudnn']:.3f}" if best[0] and found.get("cudnn") else ""
         if best[0] and found.get("fa3"):
             ratio += f" /fa3={best[0] / found['fa3']:.3f}"
         print(f"{args.pass_} D={cell[0]} S={cell[1]} B={cell[2]} H={cell[3]}/{cell[4]} causal={cell[5]}: {line}{ratio}")

@@ -13,6 +13,8 @@ from fa3dist.kernels.reference import reference_bwd, reference_fwd
 from fa3dist.kernels.registry import auto_backend_name
 from fa3dist.ring import merge_block_
 
+from .grad_checks import check_gradient
+
 REASON = unavailable_reason() if torch.cuda.is_available() else "needs CUDA"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=str(REASON))]
 # ||fa3 - float64|| may exceed cuDNN's by this factor (plus a floor for tiny, noisy cases)
@@ -32,9 +34,13 @@ def float64_truth(q, k, v, do, scale, causal):
                                    causal=causal)
 
 
-def errors(backend, q, k, v, do, scale, causal, truth):
+def run(backend, q, k, v, do, scale, causal):
     out, lse = backend.fwd(q, k, v, softmax_scale=scale, causal=causal)
-    grads = backend.bwd(do, q, k, v, out, lse, softmax_scale=scale, causal=causal)
+    return out, lse, backend.bwd(do, q, k, v, out, lse, softmax_scale=scale, causal=causal)
+
+
+def errors(backend, q, k, v, do, scale, causal, truth):
+    out, lse, grads = run(backend, q, k, v, do, scale, causal)
     return [relative_error(got, want) for got, want in zip((out, *grads), (truth[0], *truth[2]))], lse
 
 
@@ -58,12 +64,12 @@ def test_fa3_matches_float64_like_cudnn(seq_q, seq_k, causal, heads, kv_heads):
     q, k, v, do = inputs(seq_q, seq_k, heads, kv_heads, 128, torch.bfloat16, seed=seq_q * 7 + seq_k + heads * kv_heads)
     scale = 128 ** -0.5
     truth = float64_truth(q, k, v, do, scale, causal)
-    ours, lse = errors(get_backend("fa3", "cuda"), q, k, v, do, scale, causal, truth)
+    out, lse, grads = run(get_backend("fa3", "cuda"), q, k, v, do, scale, causal)
     theirs = cudnn_errors(q, k, v, do, scale, causal, truth)
     assert lse.shape == (2, heads, seq_q) and lse.dtype == torch.float32
     assert relative_error(lse, truth[1]) < 1e-4
-    for name, mine, peer in zip(("out", "dq", "dk", "dv"), ours, theirs):
-        assert mine <= FACTOR * peer + FLOOR, f"{name}: fa3 {mine:.3g}, cudnn {peer:.3g}"
+    for name, got, want, peer in zip(("out", "dq", "dk", "dv"), (out, *grads), (truth[0], *truth[2]), theirs):
+        check_gradient(name, got, want, FACTOR * peer + FLOOR)
 
 
 @pytest.mark.parametrize("dim", [64, 96, 128, 256])
