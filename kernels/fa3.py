@@ -99,12 +99,6 @@ def fa3_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_bwd_inputs(do, q, out, lse)
     if out.dtype != q.dtype or do.dtype != q.dtype:
         raise TypeError(f"backend 'fa3' needs out and do in q's dtype {q.dtype}; got {out.dtype} and {do.dtype}")
-    if q.shape[1] == 1 and k.shape[1] == 1:
-        # 4.0.0b36 returns a garbage dq (~1e294) when Sq = Sk = 1 (H200, tests/gpu/test_fa3_gpu.py, 2026-11-30);
-        # every other length of that test's grid is right. Our own kernel takes this case.
-        from .triton_bwd import flash_bwd
-
-        return flash_bwd(do, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal)
     dq, dk, dv = _interface()._flash_attn_bwd(q, k, v, out, do, lse.float(), softmax_scale=check_scale(softmax_scale),
                                               causal=causal)[:3]
     return dq, dk, dv

@@ -30,7 +30,6 @@ import torch
 
 from .checks import check_qkv
 from .reference import _grouped, _probabilities, reference_fwd
-from .tma import tma_addressable
 
 log = logging.getLogger("fa3dist.kernels")
 
@@ -248,34 +247,85 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, granulari
 
 # --- V as the FP8 kernel reads it ------------------------------------------------------------------------
 
-def is_kmajor(v: torch.Tensor) -> bool:
-    """Whether a (B, S, H, D) tensor is stored with S contiguous and 16-byte aligned rows (``kmajor_v``)."""
-    vt = v.permute(0, 2, 3, 1)
-    return tma_addressable(vt)
+KEY_GROUP = 32  # V's keys are permuted within groups of this many (kmajor_v)
 
 
-def kmajor_v(v: torch.Tensor) -> torch.Tensor:
-    """V (B, S, H, D) with its keys contiguous in memory, the layout the FP8 kernel's P V product reads.
+def key_order(seq: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """For every stored key position of a ``KMajorV`` (``seq`` rounded up to 32 of them), the key it
+    holds: within each group of 32, position 16a + 4t + 2b + r holds key 16a + 8b + 2t + r (a, b, r
+    in {0, 1}, t in 0..3). The order is its own kind of inverse: swap the roles of (t, b) back.
 
-    8-bit wgmma takes its B operand K-major only, and the keys are P V's K. Returns a (B, S, H, D)
-    view of a (B, H, D, S') tensor (``kmajor_storage``); ``v`` itself when it already is one. The
-    copy reads and writes V once (B S H D bytes each way).
+    That is where the FP8 kernel's P V product finds its keys: the S accumulator gives thread t of a
+    quad the keys 8g + 2t + {0, 1} of each 8-key group g, and the 8-bit wgmma A operand wants keys
+    4t..4t+3 and 16+4t..16+4t+3 of each 32 in that thread. Relabelling P's keys by this order (a
+    reshape and permute in the kernel, no data movement) and storing V's keys alike gives the same
+    product without a register shuffle or a trip through shared memory.
     """
-    return v if is_kmajor(v) else kmajor_view(kmajor_storage(v), v.shape[1])
+    pos = torch.arange(-(-seq // KEY_GROUP) * KEY_GROUP, device=device)
+    group, a, t, b, r = pos // 32, pos // 16 % 2, pos // 4 % 4, pos // 2 % 2, pos % 2
+    return group * 32 + 16 * a + 8 * b + 2 * t + r
 
 
-def kmajor_storage(v: torch.Tensor) -> torch.Tensor:
-    """A contiguous (B, H, D, S') copy of V (B, S, H, D), S' the key count rounded up to 16 (TMA aligns
-    rows to 16 bytes); the padding is never read."""
-    batch, seq, heads, dim = v.shape
-    storage = torch.empty(batch, heads, dim, -(-seq // 16) * 16, dtype=v.dtype, device=v.device)
-    kmajor_view(storage, seq).copy_(v)
-    return storage
+def _key_positions(seq: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The inverse of ``key_order``: the stored position of every key."""
+    key = torch.arange(-(-seq // KEY_GROUP) * KEY_GROUP, device=device)
+    group, a, b, t, r = key // 32, key // 16 % 2, key // 8 % 2, key // 2 % 4, key % 2
+    return group * 32 + 16 * a + 4 * t + 2 * b + r
 
 
-def kmajor_view(storage: torch.Tensor, seq: int) -> torch.Tensor:
-    """The (B, S, H, D) view of the first ``seq`` keys of a ``kmajor_storage`` tensor."""
-    return storage[..., :seq].permute(0, 3, 1, 2)
+@dataclass(frozen=True)
+class KMajorV:
+    """V (B, S, H_kv, D) in e4m3 as the FP8 kernel reads it: ``storage`` is (B, H_kv, D, S') with the
+    keys contiguous (8-bit wgmma takes its B operand K-major only) and ordered by ``key_order``
+    within every 32; S' is ``seq`` rounded up to 32, the padding zeros. Build it with ``kmajor_v``."""
+
+    storage: torch.Tensor
+    seq: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.storage.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.storage.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        """The logical (B, S, H_kv, D) shape."""
+        batch, heads, dim, _ = self.storage.shape
+        return torch.Size((batch, self.seq, heads, dim))
+
+    def keys(self, rows: slice) -> KMajorV:
+        """Keys ``rows`` (a step-1 slice) of V: a view when the slice starts on a group of 32 (the ring's
+        blocks do when their length is a multiple of 32), else a copy."""
+        start, stop, step = rows.indices(self.seq)
+        if step != 1:
+            raise ValueError(f"rows must be a slice with step 1, got {rows}")
+        if start % KEY_GROUP:
+            return kmajor_v(self.to_bshd()[:, start:stop])
+        end = min(-(-stop // KEY_GROUP) * KEY_GROUP, self.storage.shape[-1])
+        if stop != self.seq and stop % KEY_GROUP:  # a group cut in two: its tail keys must read zero
+            return kmajor_v(self.to_bshd()[:, start:stop])
+        return KMajorV(self.storage[..., start:end], stop - start)
+
+    def to_bshd(self) -> torch.Tensor:
+        """V back in (B, S, H_kv, D) (a copy)."""
+        positions = _key_positions(self.seq, self.storage.device)[:self.seq]
+        bytes_ = self.storage.view(torch.uint8).index_select(-1, positions)
+        return bytes_.view(self.storage.dtype).permute(0, 3, 1, 2).contiguous()
+
+
+def kmajor_v(v: torch.Tensor | KMajorV) -> KMajorV:
+    """V (B, S, H, D) in the FP8 kernel's layout (``KMajorV``); a ``KMajorV`` as it is. The copy
+    reads and writes V once (B S H D bytes each way) and does not sync with the GPU."""
+    if isinstance(v, KMajorV):
+        return v
+    seq = v.shape[1]
+    order = key_order(seq, v.device)
+    keys_last = v.permute(0, 2, 3, 1).contiguous().view(torch.uint8)  # e4m3 +0 is byte 0: pad with it
+    padded = torch.nn.functional.pad(keys_last, (0, order.numel() - seq))
+    return KMajorV(padded.index_select(-1, order).view(v.dtype), seq)
 
 
 # --- the checks of an FP8 call --------------------------------------------------------------------------
@@ -295,19 +345,23 @@ def _check_descale(descale: torch.Tensor | None, name: str, like: torch.Tensor, 
         raise ValueError(f"{name} is on {descale.device}; expected {tensor}'s device {like.device}")
 
 
-def check_fp8_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_descale: torch.Tensor | None,
+def check_fp8_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | KMajorV, q_descale: torch.Tensor | None,
                      k_descale: torch.Tensor | None, v_descale: torch.Tensor | None, *,
                      causal: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Check the inputs of a forward that may be FP8.
 
     Without fp8 tensors and descales it returns None (the 16-bit path). FP8 needs q, k and v all
     float8_e4m3fn, each with a float32 descale of shape (1,) or (B, its heads); it returns the
-    three descales as (B, H) and (B, H_kv) views (per-tensor ones with strides (0, 0)). Values are
-    not read, so the check does not sync with a GPU.
+    three descales as (B, H) and (B, H_kv) views (per-tensor ones with strides (0, 0)). ``v`` may be
+    a ``KMajorV``. Values are not read, so the check does not sync with a GPU.
     """
+    if isinstance(v, KMajorV):
+        if v.shape != k.shape or v.device != k.device:
+            raise ValueError(f"v (a KMajorV of shape {tuple(v.shape)} on {v.device}) must match k "
+                             f"{tuple(k.shape)} on {k.device}")
     tensors = {"q": q, "k": k, "v": v}
     descales = {"q_descale": q_descale, "k_descale": k_descale, "v_descale": v_descale}
-    is_fp8 = {name: isinstance(t, torch.Tensor) and t.dtype in _FP8_DTYPES for name, t in tensors.items()}
+    is_fp8 = {name: isinstance(t, (torch.Tensor, KMajorV)) and t.dtype in _FP8_DTYPES for name, t in tensors.items()}
     if not any(is_fp8.values()):
         given = [name for name, d in descales.items() if d is not None]
         if given:
@@ -317,7 +371,7 @@ def check_fp8_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_descal
     if not all(is_fp8.values()) or any(t.dtype != FP8_DTYPE for t in tensors.values()):
         got = ", ".join(f"{name} {getattr(t, 'dtype', type(t).__name__)}" for name, t in tensors.items())
         raise TypeError(f"the FP8 forward needs q, k and v all float8_e4m3fn; got {got}")
-    check_qkv(q, k, v, causal=causal, dtypes=(FP8_DTYPE,))
+    check_qkv(q, k, k if isinstance(v, KMajorV) else v, causal=causal, dtypes=(FP8_DTYPE,))
     for (name, descale), (tensor, t) in zip(descales.items(), tensors.items()):
         _check_descale(descale, name, t, tensor)
     return tuple(d.expand(t.shape[0], t.shape[2]) for d, t in zip(descales.values(), tensors.values()))

@@ -178,11 +178,17 @@ def _pass_turn(turn, me: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _p_operand(p, p_buf, p_layout: gl.constexpr, P_SMEM: gl.constexpr):
-    """P (fp16/bf16) as the A operand of P V: in registers (RS), or stored to this consumer's shared buffer (SS).
+def _p_operand(p, p_buf, p_layout: gl.constexpr, P_SMEM: gl.constexpr, FP8: gl.constexpr):
+    """P as the A operand of P V: in registers (RS), or stored to this consumer's shared buffer (SS).
 
     It comes after the wait for the in-flight P V, whose operand (those registers, or the buffer) it replaces.
+    FP8: P's keys are relabelled in ``fp8.key_order`` (V is stored so), which makes the registers of the S
+    accumulator those of the 8-bit A operand: no data moves.
     """
+    if FP8:
+        ROWS: gl.constexpr = p.shape[0]
+        KEYS: gl.constexpr = p.shape[1]
+        p = p.reshape([ROWS, KEYS // 32, 2, 2, 4, 2]).permute((0, 1, 2, 4, 3, 5)).reshape([ROWS, KEYS])
     if P_SMEM:
         p_buf.store(p)
         fence_async_shared()
@@ -234,7 +240,7 @@ def _kv_loop(acc, alpha, m_i, l_i, p, p_buf, l_sink, q, k_smem, v_smem, bars, it
         l_sink.store(l_i)  # needs every exponential; ptxas keeps it ahead of the wait (module docstring)
         acc = warpgroup_mma_wait(0, deps=(acc_tok,))
         mbarrier.arrive(v_empty.index(prev), count=1)
-        p = _p_operand(p_new.to(q.dtype), p_buf, p_layout, P_SMEM)
+        p = _p_operand(p_new.to(q.dtype), p_buf, p_layout, P_SMEM, FP8)
         it += 1
     return acc, alpha, m_i, l_i, p, it, turns
 
@@ -287,7 +293,7 @@ def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.const
         mbarrier.arrive(k_empty.index(stage), count=1)
         p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, rows, 0, seq_k, tile_scale, s_layout, BLOCK_N, CAUSAL, True,
                                             FP8)
-        p = _p_operand(p.to(q.dtype), p_buf, p_layout, P_SMEM)
+        p = _p_operand(p.to(q.dtype), p_buf, p_layout, P_SMEM, FP8)
         it += 1
         full_end = gl.maximum(gl.minimum(first_masked, end), 1)
         acc, alpha, m_i, l_i, p, it, turns = _kv_loop(
@@ -432,17 +438,15 @@ GLUON_CONFIGS: dict[int, list[GluonConfig]] = {
     256: [GluonConfig(64, 2, True), GluonConfig(64, 2, True, True), GluonConfig(32, 3, True, True),
           GluonConfig(64, 2, False)],
 }
-# The FP8 forward's. P goes through shared memory: the 8-bit wgmma A operand wants each thread's four
-# consecutive keys where the S accumulator gives it pairs, and the register shuffle that moves them
-# cost 10-25% against the store (H200, S = 16K: 798 against 697 TFLOP/s at D = 128, 1139 against 887
-# at D = 256, tools/gluon_sweep.py --pass fp8). FA3's own FP8 tiles are 192 x 160 at D = 64, 128 x 224
-# (128 causal) at 128 and 128 x 128 at 256. 256-wide key blocks spill at D = 64 and 128
-# (tools/cross_compile.py: 600 B of stack), as do 128-wide ones at D = 256 with P in registers.
+# The FP8 forward's, P through shared memory: with P's keys relabelled (``_p_operand``) its stores
+# are 4-byte ones, and the steady-state loop is 465 instructions per thread and key block at D = 128
+# against 493 unrelabelled and 659 with P in registers (there the loop-carried e4m3 operand is kept a
+# byte per register and repacked, tools/cross_compile.py SASS). FA3's own FP8 tiles are 192 x 160 at
+# D = 64, 128 x 224 (128 causal) at 128 and 128 x 128 at 256; 256-wide key blocks spill here.
 GLUON_FP8_CONFIGS: dict[int, list[GluonConfig]] = {
-    64: [GluonConfig(128, 2, True, True), GluonConfig(128, 3, True, True), GluonConfig(128, 4, True)],
-    128: [GluonConfig(128, 3, True, True), GluonConfig(128, 2, True, True), GluonConfig(128, 3, False, True),
-          GluonConfig(128, 3, False)],
-    256: [GluonConfig(128, 2, True, True), GluonConfig(64, 3, True, True), GluonConfig(64, 4, True)],
+    64: [GluonConfig(128, 2, True, True), GluonConfig(128, 3, True, True), GluonConfig(128, 4, True, True)],
+    128: [GluonConfig(128, 3, True, True), GluonConfig(128, 2, True, True), GluonConfig(128, 3, False, True)],
+    256: [GluonConfig(128, 2, True, True), GluonConfig(64, 3, True, True), GluonConfig(64, 4, True, True)],
 }
 
 
@@ -460,8 +464,8 @@ def gluon_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
                  num_programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the Gluon forward on checked, TMA-ready inputs into ``out``/``lse`` (merging with ``accumulate``).
 
-    FP8 (float8_e4m3fn q, k, v): ``v`` is (B, H_kv, D, S_k) with S_k contiguous (``fp8.kmajor_v``) and
-    ``descales`` the (B, H), (B, H_kv), (B, H_kv) float32 descales of q, k and v.
+    FP8 (float8_e4m3fn q, k, v): ``v`` is a ``fp8.KMajorV`` and ``descales`` the (B, H), (B, H_kv),
+    (B, H_kv) float32 descales of q, k and v.
     """
     batch, seq_q, heads, head_dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
@@ -473,7 +477,7 @@ def gluon_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
     if fp8 != (descales is not None):
         raise ValueError("the Gluon forward takes descales with float8_e4m3fn inputs, and only with them")
     if fp8:
-        v_desc = bhds_descriptor(v, cfg.block_n)
+        v_desc = bhds_descriptor(v.storage, cfg.block_n)
         descale_args = [*descales, *(stride for d in descales for stride in d.stride())]
     else:
         v_desc = bhsd_descriptor(v, cfg.block_n, head_dim)

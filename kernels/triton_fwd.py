@@ -316,9 +316,10 @@ def _fp8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descales: tuple[
     """The FP8 forward of checked e4m3 inputs with (B, heads) descales.
 
     On sm_90 (and unless FA3DIST_KERNEL=tl) the Gluon kernel: FP8 Q K^T, P = 2^8 exp(S - m)
-    rounded to e4m3 for an FP8 P V, fp32 accumulators. Its P V needs V with the keys contiguous:
-    ``fp8.kmajor_v`` transposes V first unless it already is (the ring keeps it so). Elsewhere (the
-    CPU, other GPUs) the ``tl`` kernel in float32 on the dequantized inputs, with P unrounded.
+    rounded to e4m3 for an FP8 P V, fp32 accumulators. Its P V reads V as a ``fp8.KMajorV`` (keys
+    contiguous, in the kernel's order): ``v`` may be one (the ring keeps V so), else ``fp8.kmajor_v``
+    makes it first. Elsewhere (the CPU, other GPUs) the ``tl`` kernel in float32 on the dequantized
+    inputs, with P unrounded.
     """
     if softmax_scale is None:
         raise TypeError("softmax_scale must be a positive float, got None")
@@ -333,6 +334,7 @@ def _fp8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descales: tuple[
     if reason is not None:
         note_path("flash_fwd", "tl", "FP8 inputs dequantized to float32 (%s): q=%s k=%s causal=%s", reason,
                   tuple(q.shape), tuple(k.shape), causal)
+        v = v.to_bshd() if isinstance(v, fp8.KMajorV) else v
         qf, kf, vf = (t.to(torch.float32) * d[:, None, :, None] for t, d in zip((q, k, v), descales))
         target = out if out.dtype == torch.float32 else out.float()
         flash_fwd(qf, kf, vf, softmax_scale=softmax_scale, causal=causal, out=target, lse=lse, accumulate=accumulate)
@@ -348,7 +350,7 @@ def _fp8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descales: tuple[
             lse.fill_(float("-inf"))
         return out, lse
     q, k = tma_ready(q), tma_ready(k)
-    vt = fp8.kmajor_v(v).permute(0, 2, 3, 1)
+    vt = fp8.kmajor_v(v)
     key = tuning_key("flash_fwd_fp8", source_hash(__file__) + source_hash(gluon_fwd.__file__), q, k, causal=causal,
                      out_dtype=str(out.dtype).removeprefix("torch."), accumulate=accumulate)
 

@@ -301,3 +301,79 @@ def test_incoherent_processing_lowers_the_error_on_outliers():
         errors[incoherent] = (out - truth).pow(2).mean().sqrt().item()
     assert errors[True] < 0.8 * errors[False]
     assert errors[True] < 0.015  # the paper's 9.1e-3 is at block scales; here per tensor
+
+
+# --- V in the kernel's layout, and flash_fwd on FP8 inputs (the dequantized path the CPU takes) ----------
+
+def _fp8_v(shape, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen).to(fp8.FP8_DTYPE)
+
+
+def test_key_order_is_a_permutation_inside_each_group_of_32():
+    order = fp8.key_order(70)
+    assert order.numel() == 96 and sorted(order.tolist()) == list(range(96))
+    assert all(order[g * 32:(g + 1) * 32].div(32, rounding_mode="floor").eq(g).all() for g in range(3))
+    assert torch.equal(order[fp8._key_positions(70)], torch.arange(96))
+    assert order[:8].tolist() == [0, 1, 8, 9, 2, 3, 10, 11]  # thread 0 of a quad: keys 0-1 and 8-9 first
+
+
+@pytest.mark.parametrize("seq", [1, 31, 32, 77, 128])
+def test_kmajor_v_round_trip_and_padding(seq):
+    v = _fp8_v((2, seq, 3, 16), seed=seq)
+    kv = fp8.kmajor_v(v)
+    padded = -(-seq // 32) * 32
+    assert kv.storage.shape == (2, 3, 16, padded) and kv.storage.is_contiguous() and kv.shape == v.shape
+    assert torch.equal(kv.to_bshd().view(torch.uint8), v.view(torch.uint8))
+    stored_keys = fp8.key_order(seq)
+    assert (kv.storage.view(torch.uint8)[..., stored_keys >= seq] == 0).all()  # the padding reads as +0
+    assert fp8.kmajor_v(kv) is kv
+
+
+@pytest.mark.parametrize("rows", [slice(0, 64), slice(32, 100), slice(64, 100), slice(0, 40), slice(8, 50)])
+def test_kmajor_keys_match_the_slice_and_are_views_on_group_boundaries(rows):
+    v = _fp8_v((1, 100, 2, 16), seed=3)
+    kv = fp8.kmajor_v(v)
+    part = kv.keys(rows)
+    assert torch.equal(part.to_bshd().view(torch.uint8), v[:, rows].view(torch.uint8))
+    on_boundaries = rows.start % 32 == 0 and (rows.stop % 32 == 0 or rows.stop == 100)
+    assert (part.storage.untyped_storage().data_ptr() == kv.storage.untyped_storage().data_ptr()) == on_boundaries
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kmajor", [False, True])
+def test_flash_fwd_fp8_off_hopper_is_attention_of_the_dequantized_inputs(monkeypatch, causal, kmajor):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from fa3dist.kernels.triton_fwd import flash_fwd
+
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 40, 4, 32, generator=gen)
+    k, v = (torch.randn(1, 40, 2, 32, generator=gen) for _ in range(2))
+    x = fp8.quantize_qkv(q, k, v, granularity="head", incoherent=True)
+    opts = dict(softmax_scale=0.2, causal=causal, q_descale=x.q_descale, k_descale=x.k_descale, v_descale=x.v_descale)
+    out, lse = flash_fwd(x.q, x.k, fp8.kmajor_v(x.v) if kmajor else x.v, **opts)
+    ref_out, ref_lse = fp8.fp8_reference_fwd(x.q, x.k, x.v, x.q_descale, x.k_descale, x.v_descale, softmax_scale=0.2,
+                                             causal=causal, quantize_p=False)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert ((out.double() - ref_out).norm() / ref_out.norm()).item() < 5e-3  # bf16 output rounding
+    assert (lse.double() - ref_lse).abs().max().item() < 1e-4
+
+
+def test_flash_fwd_fp8_bad_inputs_raise(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from fa3dist.kernels.triton_fwd import flash_fwd
+
+    q, k, v = (_fp8_v((1, 16, 2, 32), seed=i) for i in range(3))
+    one = torch.ones(1)
+    with pytest.raises(ValueError, match="needs its descale"):
+        flash_fwd(q, k, v, softmax_scale=0.1, causal=False, q_descale=one, k_descale=one)
+    with pytest.raises(TypeError, match="all float8_e4m3fn"):
+        flash_fwd(q, k, v.float(), softmax_scale=0.1, causal=False, q_descale=one, k_descale=one, v_descale=one)
+    with pytest.raises(ValueError, match="descale factors go"):
+        flash_fwd(q.float(), k.float(), v.float(), softmax_scale=0.1, causal=False, q_descale=one)
+    with pytest.raises(ValueError, match="must match k"):
+        flash_fwd(q, k, fp8.kmajor_v(v[:, :8]), softmax_scale=0.1, causal=False, q_descale=one, k_descale=one,
+                  v_descale=one)
+    with pytest.raises(ValueError, match="bfloat16 or float32"):
+        flash_fwd(q, k, v, softmax_scale=0.1, causal=False, q_descale=one, k_descale=one, v_descale=one,
+                  out=torch.zeros(q.shape, dtype=torch.float16), lse=torch.zeros(1, 2, 16))

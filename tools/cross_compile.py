@@ -104,7 +104,7 @@ def compile_all(dims: list[int]) -> None:
                 gluon_fwd.gluon_launch(q, k, v, 0.1, causal, cfg, torch.empty_like(q), lse.clone(), False, num_programs=1)
                 gluon_fwd.gluon_launch(q, k, v, 0.1, causal, cfg, torch.zeros(q.shape), lse.clone(), True, num_programs=1)
             q8, k8 = (t.to(torch.float8_e4m3fn) for t in (q, k))
-            vt8 = fp8.kmajor_v(v.to(torch.float8_e4m3fn)).permute(0, 2, 3, 1)
+            vt8 = fp8.kmajor_v(v.to(torch.float8_e4m3fn))
             descales = (torch.ones(1, 4), torch.ones(1, 2), torch.ones(1, 2))
             for cfg in gluon_fwd.GLUON_FP8_CONFIGS.get(head_dim, []):
                 for out_buf, accumulate in ((torch.empty_like(q), False), (torch.zeros(q.shape), True)):

@@ -39,7 +39,7 @@ def main() -> int:
                 x = fp8.quantize_qkv(q, k, v, granularity="head")
                 descales = fp8.check_fp8_inputs(x.q, x.k, x.v, x.q_descale, x.k_descale, x.v_descale)
                 cfg8 = gluon_fwd.GLUON_FP8_CONFIGS[dim][0]
-                gluon_fwd.gluon_launch(x.q, x.k, fp8.kmajor_v(x.v).permute(0, 2, 3, 1), scale, causal, cfg8, out, lse,
+                gluon_fwd.gluon_launch(x.q, x.k, fp8.kmajor_v(x.v), scale, causal, cfg8, out, lse,
                                        False, descales=descales)
                 emu_out, emu_lse = fp8.fp8_reference_fwd(x.q, x.k, x.v, x.q_descale, x.k_descale, x.v_descale,
                                                          softmax_scale=scale, causal=causal, block_n=cfg8.block_n)

@@ -65,7 +65,7 @@ def _fp8_impls(q, k, v, scale, causal, fa3) -> dict[str, Impl]:
     impls["gluon bf16"] = lambda: gluon_fwd.gluon_launch(q, k, v, scale, causal, bf16_cfg, out, lse, False)[:1]
     x = fp8.quantize_qkv(q, k, v, incoherent=True)
     descales = fp8.check_fp8_inputs(x.q, x.k, x.v, x.q_descale, x.k_descale, x.v_descale, causal=causal)
-    vt = fp8.kmajor_v(x.v).permute(0, 2, 3, 1)
+    vt = fp8.kmajor_v(x.v)
     for cfg in gluon_fwd.GLUON_FP8_CONFIGS.get(q.shape[-1], []):
         out8 = torch.full_like(q, float("nan"))
         name = f"fp8 {cfg.block_n}/{cfg.stages}/{'pp' if cfg.pingpong else 'no-pp'}{'/ss' if cfg.p_smem else ''}"

@@ -45,7 +45,7 @@ def _run(x: fp8.FP8QKV, scale, causal, cfg, out=None, lse=None, accumulate=False
         out = torch.full(x.q.shape, float("nan"), device="cuda", dtype=torch.bfloat16)
         lse = torch.full((x.q.shape[0], x.q.shape[2], x.q.shape[1]), float("nan"), device="cuda")
     descales = fp8.check_fp8_inputs(x.q, x.k, x.v, x.q_descale, x.k_descale, x.v_descale, causal=causal)
-    vt = fp8.kmajor_v(x.v).permute(0, 2, 3, 1)
+    vt = fp8.kmajor_v(x.v)
     return gluon_fwd.gluon_launch(x.q, x.k, vt, scale, causal, cfg, out, lse, accumulate, descales=descales,
                                   num_programs=num_programs)
 
