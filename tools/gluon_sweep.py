@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from fa3dist.bench.common import attention_flops, run_meta, time_ms
+from fa3dist.bench.fp8 import fp8_gemm_tflops
 from fa3dist.kernels import fp8, gluon_bwd, gluon_fwd, triton_bwd, triton_fwd
 from fa3dist.kernels.fa3 import unavailable_reason
 from fa3dist.kernels.numerics import relative_error
@@ -146,15 +147,6 @@ def sweep(args) -> list[dict]:
     return rows
 
 
-def fp8_gemm_tflops(args, n: int = 8192) -> float:
-    """TFLOP/s of cuBLAS's e4m3 GEMM (torch._scaled_mm, bf16 out) at n^3: the FP8 forward's ceiling."""
-    a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
-    b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn).t()  # column-major, as cuBLAS wants it
-    one = torch.ones((), device="cuda")
-    ms = _time(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16), args)
-    return 2 * n ** 3 / ms / 1e9
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -168,7 +160,7 @@ def main() -> None:
     rows = sweep(args)
     meta = run_meta(1)
     if args.fp8_ceiling:
-        meta["fp8_gemm_ceiling"] = fp8_gemm_tflops(args)
+        meta["fp8_gemm_ceiling"] = fp8_gemm_tflops(warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
         print("cuBLAS fp8 GEMM (torch._scaled_mm) 8192^3:", meta["fp8_gemm_ceiling"], flush=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -18,11 +18,20 @@ def _pyplot():
 
 
 def plot_kernel(rows: list[dict[str, Any]], out_dir: str, stem: str) -> list[str]:
-    """TFLOP/s against S, one panel per (causal, D), one PNG per (dtype, pass), like the FA3 paper."""
+    """TFLOP/s against S, one panel per (causal, D), one PNG per (dtype, pass), like the FA3 paper.
+
+    fp8 rows (forward only) join the bf16 forward's PNG as dashed lines with square markers
+    ("fa3dist fp8"); without bf16 forward rows they get a PNG of their own.
+    """
     plt = _pyplot()
     paths = []
+    measured = [r for r in rows if r["tflops"]]
+    overlay = any(r["dtype"] == "bfloat16" and r["pass"] == "fwd" for r in measured)
     for dtype, pass_ in sorted({(r["dtype"], r["pass"]) for r in rows}):
-        sel = [r for r in rows if r["dtype"] == dtype and r["pass"] == pass_ and r["tflops"]]
+        if dtype == "fp8" and overlay:
+            continue
+        sel = [r for r in measured if r["pass"] == pass_
+               and (r["dtype"] == dtype or (overlay and (dtype, pass_) == ("bfloat16", "fwd") and r["dtype"] == "fp8"))]
         dims = sorted({r["D"] for r in sel})
         causals = sorted({r["causal"] for r in sel})
         if not sel:
@@ -32,18 +41,26 @@ def plot_kernel(rows: list[dict[str, Any]], out_dir: str, stem: str) -> list[str
         for i, causal in enumerate(causals):
             for j, d in enumerate(dims):
                 ax = axes[i][j]
-                for impl in sorted({r["impl"] for r in sel}):
-                    pts = sorted((r["S"], r["tflops"]) for r in sel
-                                 if r["impl"] == impl and r["D"] == d and r["causal"] == causal)
-                    if pts:
-                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+                for impl, series_dtype in sorted({(r["impl"], r["dtype"]) for r in sel}, key=lambda x: x[1] == "fp8"):
+                    pts = sorted((r["S"], r["tflops"]) for r in sel if r["impl"] == impl and r["dtype"] == series_dtype
+                                 and r["D"] == d and r["causal"] == causal)
+                    if not pts:
+                        continue
+                    style = dict(marker="s", linestyle="--") if series_dtype != dtype else dict(marker="o")
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts],
+                            label=impl if series_dtype == dtype else f"{impl} {series_dtype}", **style)
                 ax.set_xscale("log", base=2)
                 ax.set_title(f"D={d}, {'causal' if causal else 'non-causal'}")
                 ax.set_xlabel("sequence length")
                 ax.set_ylabel("TFLOP/s")
                 ax.grid(alpha=0.3)
-        axes[0][0].legend()
-        fig.suptitle(f"attention {pass_}, {dtype}")
+        handles = {}  # one legend, of the lines of every panel (fp8 ones may be in some panels only)
+        for ax in axes.flat:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(label, handle)
+        axes[0][0].legend(list(handles.values()), list(handles))
+        extra = " (fp8: dashed)" if any(r["dtype"] != dtype for r in sel) else ""
+        fig.suptitle(f"attention {pass_}, {dtype}{extra}")
         fig.tight_layout()
         path = Path(out_dir) / f"{stem}-{pass_}-{dtype}.png"
         fig.savefig(path, dpi=110)
