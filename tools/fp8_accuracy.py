@@ -9,7 +9,9 @@ kernel returns it (fp16 for the fp16 row).
 
 Rows: fp16 and bf16 (the reference backend: fp32 math), then fp8 with per-tensor or per-(batch,
 head) scales, each with and without incoherent processing. For fp8 rows "rmse_inputs" keeps P
-exact (the q/k/v quantization alone); the "fp8 P only" row quantizes P alone.
+exact (the q/k/v quantization alone); the "fp8 P only" row quantizes P alone. With ``--kernel`` (a
+CUDA GPU) every fp8 row also runs our FP8 forward (``flash_fwd``, the Gluon kernel on sm90) on the
+same e4m3 inputs: "rmse_kernel".
 
 Usage: python tools/fp8_accuracy.py --out-dir bench/results --stem fp8-accuracy-cpu-2026-12-02
 """
@@ -28,6 +30,7 @@ import torch
 from fa3dist.bench.common import markdown_table, run_meta, write_results
 from fa3dist.kernels.fp8 import GRANULARITIES, P_SCALE, attention_p_fp8, fp8_reference_fwd, quantize_qkv
 from fa3dist.kernels.reference import reference_fwd
+from fa3dist.kernels.triton_fwd import flash_fwd
 
 PAPER = {"fp16": 1.9e-4, "fp8 tensor": 2.4e-2, "fp8 block+incoherent": 9.1e-3}  # FA3 paper, H100
 
@@ -58,11 +61,12 @@ def measure(head_dim: int, causal: bool, args: argparse.Namespace) -> list[dict[
     rows = []
 
     def add(name: str, granularity: str | None, incoherent: bool | None, out: torch.Tensor,
-            inputs_only: torch.Tensor | None = None) -> None:
+            inputs_only: torch.Tensor | None = None, kernel: torch.Tensor | None = None) -> None:
         err = rmse(out, truth)
         rows.append({**case, "format": name, "granularity": granularity, "incoherent": incoherent, "rmse": err,
                      "rel_rmse": err / case["out_rms"],
-                     "rmse_inputs": None if inputs_only is None else rmse(inputs_only, truth)})
+                     "rmse_inputs": None if inputs_only is None else rmse(inputs_only, truth),
+                     "rmse_kernel": None if kernel is None else rmse(kernel.cpu(), truth)})
 
     for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
         add(name, None, None, reference_fwd(q.to(dtype), k.to(dtype), v.to(dtype), **opts)[0])
@@ -74,7 +78,11 @@ def measure(head_dim: int, causal: bool, args: argparse.Namespace) -> list[dict[
             inputs = (fp8.q, fp8.k, fp8.v, fp8.q_descale, fp8.k_descale, fp8.v_descale)
             out, _ = fp8_reference_fwd(*inputs, **opts, block_n=args.block_n)
             exact_p, _ = fp8_reference_fwd(*inputs, **opts, quantize_p=False)
-            add("fp8", granularity, incoherent, out.to(torch.bfloat16), exact_p.to(torch.bfloat16))
+            kernel = None
+            if args.kernel:
+                on_gpu = [t.cuda() for t in inputs]
+                kernel = flash_fwd(*on_gpu[:3], **opts, q_descale=on_gpu[3], k_descale=on_gpu[4], v_descale=on_gpu[5])[0]
+            add("fp8", granularity, incoherent, out.to(torch.bfloat16), exact_p.to(torch.bfloat16), kernel)
     return rows
 
 
@@ -92,17 +100,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out-dir", default=None, help="write <stem>.json and <stem>.md here")
     parser.add_argument("--stem", default="fp8-accuracy-cpu")
+    parser.add_argument("--kernel", action="store_true", help="also run our FP8 forward on the GPU (rmse_kernel)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()
     rows = [row for head_dim in args.head_dims for causal in (False, True) for row in measure(head_dim, causal, args)]
-    header = ["D", "causal", "format", "scales", "incoherent", "RMSE", "RMSE / RMS(out)", "RMSE, P exact"]
+    header = ["D", "causal", "format", "scales", "incoherent", "RMSE", "RMSE / RMS(out)", "RMSE, P exact",
+              *(["RMSE, our kernel"] if args.kernel else [])]
     table = markdown_table(header, [[r["head_dim"], r["causal"], r["format"], r["granularity"], r["incoherent"],
-                                     r["rmse"], r["rel_rmse"], r["rmse_inputs"]] for r in rows])
+                                     r["rmse"], r["rel_rmse"], r["rmse_inputs"], *([r["rmse_kernel"]] if args.kernel else [])]
+                                    for r in rows])
     rms_out = ", ".join(f"D={r['head_dim']} {'causal' if r['causal'] else 'full'} {r['out_rms']:.3g}"
                         for r in rows if r["format"] == "bf16")
-    meta = run_meta(1, command=shlex.join(["python", "tools/fp8_accuracy.py", *sys.argv[1:]]), kind="CPU emulation of the FP8 forward's quantization (kernels/fp8.py), not a kernel run",
+    meta = run_meta(1, command=shlex.join(["python", "tools/fp8_accuracy.py", *sys.argv[1:]]), kind=("CPU emulation of the FP8 forward's quantization (kernels/fp8.py), and our FP8 kernel on the same "
+                          "inputs (rmse_kernel)" if args.kernel else "CPU emulation of the FP8 forward's quantization "
+                          "(kernels/fp8.py), not a kernel run"),
                     shape={"batch": args.batch, "seq": args.seq, "heads": args.heads, "kv_heads": args.kv_heads},
                     distribution=f"N(0,1) + N(0,{args.outlier_std ** 2:g}) * Bernoulli({args.outlier_prob:g}) per "
                                  f"entry, float64 rounded to bf16; truth: float64 attention of the bf16 inputs",
