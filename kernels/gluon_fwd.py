@@ -32,7 +32,15 @@ The FA3 algorithm written out, with the parts plain ``tl`` hides made explicit:
   with the (out, lse) it finds there, exactly as the ``tl`` kernel does, so the ring's merge costs
   no pass over memory. Rows that saw no key stay 0 / -inf, never NaN.
 
-Shapes: D in {64, 128, 256}, fp16/bf16, sm_90. Everything else uses the ``tl`` kernel
+- FP8 (``FP8``, float8_e4m3fn q/k/v): the same pipeline with 8-bit wgmma (instruction K = 32).
+  Descales fold into the tile's S scale (q, k) and the epilogue's 1/l (v). P = 2^8 exp(S - m)
+  (FA3's offset) is rounded to e4m3 for P V; the row sum takes the unrounded values. 8-bit wgmma
+  reads its B operand K-major only, so V arrives transposed, (B, H, D, S) with the keys in
+  ``fp8.key_order`` (``fp8.KMajorV``): relabelling P's keys alike (a reshape and permute of its
+  registers, no data movement) lets each thread store its P as 4-byte runs into the A operand's
+  shared buffer.
+
+Shapes: D in {64, 128, 256}, fp16/bf16 or e4m3, sm_90. Everything else uses the ``tl`` kernel
 (``triton_fwd``). Gluon does not run in Triton's interpreter; the GPU tests in tests/gpu check it.
 """
 
