@@ -33,13 +33,16 @@ fa3 and 92 KiB with cuDNN.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from fa3dist.kernels import Backend
 
 from .comm import Ring
 from .merge import merge_block_
-from .schedule import block_task, source_rank
+from .schedule import ALL, block_task, source_rank
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,17 +63,32 @@ def _write(dst: torch.Tensor, src: torch.Tensor, accumulate: bool) -> None:
         dst.copy_(src)
 
 
-def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring, *, backend: Backend,
-                 softmax_scale: float, causal: bool, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ring attention forward for this rank's shard: returns out (like q) and lse (B, H, S_local)."""
+KvOf = Callable[[list[torch.Tensor], slice], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _kv_rows(kv: list[torch.Tensor], rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 16-bit block's k, v: the rows of K and V as they travel."""
+    return kv[0][:, rows], kv[1][:, rows]
+
+
+def _ring_loop(q: torch.Tensor, travel: list[torch.Tensor], kv_of: KvOf, ring: Ring, *, backend: Backend,
+               softmax_scale: float, causal: bool, layout: str, out_dtype: torch.dtype,
+               kernel_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward schedule of every ring: returns out (``out_dtype``) and lse (B, H, S_local).
+
+    ``travel`` is what passes round the ring (this rank's block first); ``kv_of(travel, kv_rows)``
+    gives the kernel's k and v of the block in hand, and ``kernel_kwargs`` go to every kernel call.
+    """
+    opts = dict(softmax_scale=softmax_scale, **kernel_kwargs)
     if ring.world_size == 1:
-        return backend.fwd(q, k, v, softmax_scale=softmax_scale, causal=causal)
+        out, lse = backend.fwd(q, *kv_of(travel, ALL), causal=causal, **opts)
+        return out.to(out_dtype), lse
     acc = accumulation_dtype(q.dtype)
     batch, seq, heads, _ = q.shape
     out = torch.empty(q.shape, dtype=acc, device=q.device)
     lse = torch.empty(batch, heads, seq, dtype=acc, device=q.device)
-    final = None  # the output in q's dtype, when the last merge writes it directly
-    kv = [k.contiguous(), v.contiguous()]
+    final = None  # the output in out_dtype, when the last merge writes it directly
+    kv = [t.contiguous() for t in travel]
     for step in range(ring.world_size):
         last = step == ring.world_size - 1
         pending = None if last else ring.send_recv(kv)
@@ -78,26 +96,36 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring, 
                           layout=layout, causal=causal)
         if task is not None:  # step 0 is the local block, which covers every query row
             rows = task.q_rows
-            block = (q[:, rows], kv[0][:, task.kv_rows], kv[1][:, task.kv_rows])
-            opts = dict(softmax_scale=softmax_scale, causal=task.causal)
+            block = (q[:, rows], *kv_of(kv, task.kv_rows))
             if backend.fwd_accumulates:  # the kernel merges in its epilogue: no extra pass over out
-                backend.fwd(*block, **opts, out=out[:, rows], lse=lse[:, :, rows], accumulate=step > 0)
+                backend.fwd(*block, causal=task.causal, **opts, out=out[:, rows], lse=lse[:, :, rows],
+                            accumulate=step > 0)
             else:
-                out_b, lse_b = backend.fwd(*block, **opts)
+                out_b, lse_b = backend.fwd(*block, causal=task.causal, **opts)
                 if step == 0:
                     out.copy_(out_b)
                     lse.copy_(lse_b)
                 elif not last:
                     merge_block_(out[:, rows], lse[:, :, rows], out_b, lse_b)
                 else:  # merge straight into the result
-                    final = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+                    final = torch.empty(q.shape, dtype=out_dtype, device=q.device)
                     for other in _other_rows(rows, seq):
                         final[:, other].copy_(out[:, other])
                     merge_block_(out[:, rows], lse[:, :, rows], out_b, lse_b, into=final[:, rows])
+            del block
         if pending is not None:
             kv = pending.wait()
             del pending  # let the block just sent go
-    return (out.to(q.dtype) if final is None else final), lse
+    return (out.to(out_dtype) if final is None else final), lse
+
+
+def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring, *, backend: Backend,
+                 softmax_scale: float, causal: bool, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ring attention forward for this rank's shard: returns out (like q) and lse (B, H, S_local)."""
+    if ring.world_size == 1:
+        return backend.fwd(q, k, v, softmax_scale=softmax_scale, causal=causal)
+    return _ring_loop(q, [k, v], _kv_rows, ring, backend=backend, softmax_scale=softmax_scale, causal=causal,
+                      layout=layout, out_dtype=q.dtype, kernel_kwargs={})
 
 
 def ring_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
