@@ -59,7 +59,7 @@ from fa3dist.kernels import Backend, fp8
 
 from .comm import Ring
 from .merge import merge_block_
-from .schedule import ALL, block_task, source_rank
+from .schedule import block_task, source_rank
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -95,11 +95,10 @@ def _ring_loop(q: torch.Tensor, travel: list[torch.Tensor], kv_of: KvOf, ring: R
 
     ``travel`` is what passes round the ring (this rank's block first); ``kv_of(travel, kv_rows)``
     gives the kernel's k and v of the block in hand, and ``kernel_kwargs`` go to every kernel call.
+    The blocks merge into fp32 (float64) accumulators, rounded to ``out_dtype`` once at the end,
+    also with one rank (``ring_forward`` calls the kernel directly then).
     """
     opts = dict(softmax_scale=softmax_scale, **kernel_kwargs)
-    if ring.world_size == 1:
-        out, lse = backend.fwd(q, *kv_of(travel, ALL), causal=causal, **opts)
-        return out.to(out_dtype), lse
     acc = accumulation_dtype(q.dtype)
     batch, seq, heads, _ = q.shape
     out = torch.empty(q.shape, dtype=acc, device=q.device)
@@ -182,6 +181,8 @@ def ring_forward_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ri
     Quantizes once (``quantize_for_ring``), stores V K-major once, and runs the forward schedule
     with K and V travelling as uint8 views of their e4m3 storage; the descales, alike on every rank,
     stay. ``backend`` must take FP8 (``Backend.fp8``). Forward only: nothing is saved for a backward.
+    The blocks merge into an fp32 accumulator (also with one rank, the single-device FP8 forward of
+    ``fa3_attention``), rounded once to ``out_dtype``: float32 gives the unrounded result.
     """
     x = quantize_for_ring(q, k, v, ring)
     seq_kv = k.shape[1]
