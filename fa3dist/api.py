@@ -206,8 +206,8 @@ def ring_fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
     rotation of q and k when D is a power of two (``fa3dist.ring.quantize_for_ring``); the scales
     are those of the whole sequence, their amaxes maxed over the ring itself (W - 1 hops of a few
     floats, no host sync), so the result is ``fa3_attention(fp8=True)`` of the whole sequence up to
-    the kernel's per-block rounding of P (with backend "reference" up to float32 rounding). K and
-    V travel in e4m3, half the bytes of bf16. Out is bfloat16, the lse float32. Forward only: a
+    the kernel's per-block rounding of P (backend "reference", P unrounded: up to float32
+    rounding, before both round to bf16). K and V travel in e4m3, half the bytes of bf16. Out is bfloat16, the lse float32. Forward only: a
     ValueError when autograd would need a backward (use ``torch.no_grad()`` or detach); the flat
     ring only and not under ``torch.compile`` (NotImplementedError); the backend must take FP8
     ("triton", "auto" on CUDA; "reference", "auto" on the CPU), else a ValueError naming those

@@ -35,16 +35,16 @@ e4m3 inputs. Each rank quantizes its q, k, v once, with per-head scales taken fr
 the whole sequence: before the first step the ranks pass their amax vector (B·H + 2·B·H_kv
 floats) W - 1 hops round the ring and keep the elementwise max (``ring_amax``): W - 1 latencies
 of a tiny message, not overlapped, but no collective and no host sync. The descales are then the
-same on every rank and never travel. V is transposed to K-major (``fp8.kmajor_storage``:
-(B, H_kv, D, S') with S' the local length S rounded up to 16) once per call, right after quantizing, which reads
-and writes its B·S·H_kv·D bytes once; it travels and reaches the kernel in that layout, so no step
-transposes it again. What travels are uint8 views of the e4m3 storage, K as (B, S, H_kv, D) and V
-as (B, H_kv, D, S'): 2·H_kv·D bytes per token (plus V's padding to 16 tokens) against 4·H_kv·D in
-bf16, 2 KiB against 4 KiB at H_kv = 8, D = 128. The kernel gets ``kmajor_view`` slices; its TMA
-needs 16-byte aligned K-major rows, and the schedule's only K/V row slice (zigzag: the first half
-[0, S/2)) starts where the rows start, so it is aligned for any S (one starting at S/2 would be
-aligned only when S % 32 == 0; ``flash_fwd`` would copy it). The out accumulator is fp32 as in
-the 16-bit ring; the result is bf16.
+same on every rank and never travel. Right after quantizing, V is transposed once to K-major
+(``fp8.kmajor_storage``: (B, H_kv, D, S'), S' the local length S rounded up to 16), which reads
+and writes its B·S·H_kv·D bytes once; it travels and reaches the kernel in that layout, so no
+step transposes it again. What travels are uint8 views of the e4m3 storage, K as (B, S, H_kv, D)
+and V as (B, H_kv, D, S'): 2·H_kv·D bytes per token (plus V's padding to 16 tokens) against
+4·H_kv·D in bf16, 2 KiB against 4 KiB at H_kv = 8, D = 128. The kernel gets ``kmajor_view``
+slices; its TMA needs 16-byte aligned K-major rows, and the schedule's only K/V row slice
+(zigzag: the first half [0, S/2)) starts where the rows start, so it is aligned for any S (one
+starting at S/2 would be aligned only when S % 32 == 0; ``flash_fwd`` would copy it). The out
+accumulator is fp32 as in the 16-bit ring, also with one rank; the result is bf16.
 """
 
 from __future__ import annotations
