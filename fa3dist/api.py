@@ -1,9 +1,13 @@
 """Public attention functions: one device (``fa3_attention``) and a sequence-parallel ring
 (``ring_fa3_attention``), both differentiable in q, k and v. They call the custom ops of
 ``fa3dist.ops``, which ``torch.compile`` keeps in its graph; the checks of a ring call run inside
-the op (``check_ring_call``), so that every rank takes part in the rank exchange."""
+the op (``check_ring_call``), so that every rank takes part in the rank exchange. With
+``fp8=True`` both run the FP8 forward instead (``fa3dist.ring.ring_forward_fp8``): forward only,
+eager only."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -11,9 +15,10 @@ import torch.distributed as dist
 from .groups import check_head_group
 from .kernels import Backend, get_backend
 from .kernels.checks import check_qkv, resolve_scale
+from .kernels.fp8 import FP8_DTYPE
 from .layout import check_layout
 from .ops import LOCAL, attention_op, group_name, resolve_ring
-from .ring import LoopbackRing, Ring, ring_backward, ring_forward
+from .ring import LoopbackRing, Ring, ring_backward, ring_forward, ring_forward_fp8
 from .ring.agree import CallSignature, check_ranks_agree
 
 
@@ -45,27 +50,69 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring, *, 
     return _RingAttention.apply(q, k, v, ring, backend, softmax_scale, causal, layout)
 
 
-def _check_options(causal: bool, return_lse: bool, layout: str) -> None:
+def _check_options(causal: bool, return_lse: bool, layout: str, fp8: bool = False) -> None:
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    if not isinstance(fp8, bool):
+        raise TypeError(f"fp8 must be a bool, got {type(fp8).__name__}")
     check_layout(layout)
 
 
+def _check_forward_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """fp8=True has no backward: refuse inputs that autograd would differentiate."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("fp8=True is forward-only (there is no FP8 backward; training stays bf16), but q, k or v "
+                         "requires grad: call it under torch.no_grad() or pass detached tensors")
+
+
+_FP8_NOT_COMPILED = ("fp8=True does not run under torch.compile: the FP8 forward is no custom op (call it "
+                     "outside the compiled region)")
+
+
+@functools.partial(torch.compiler.disable, reason=_FP8_NOT_COMPILED)
+def _fp8_is_not_compiled() -> None:
+    """Raise at run time (a ``raise`` that dynamo traces only breaks the graph, and eager runs on);
+    with ``fullgraph=True`` dynamo refuses to call it, giving the reason."""
+    raise NotImplementedError(_FP8_NOT_COMPILED)
+
+
+def _refuse_fp8_under_compile() -> None:
+    if torch.compiler.is_compiling():
+        _fp8_is_not_compiled()
+
+
+def _kernel_dtype(q: torch.Tensor, fp8: bool) -> torch.dtype:
+    """The dtype the kernel sees, which picks the backend "auto" stands for."""
+    return FP8_DTYPE if fp8 else q.dtype
+
+
 def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                  softmax_scale: float | None = None, backend: str = "auto", return_lse: bool = False):
+                  softmax_scale: float | None = None, backend: str = "auto", return_lse: bool = False,
+                  fp8: bool = False):
     """Exact attention on one device.
 
     q: (B, Sq, H, D); k, v: (B, Sk, H_kv, D) with H % H_kv == 0. ``causal`` is the top-left mask
     and needs Sq == Sk. ``softmax_scale`` defaults to 1/sqrt(D). Returns out (like q), and with
     ``return_lse`` also the float32 log-sum-exp (B, H, Sq) (natural log, not differentiable).
+
+    ``fp8=True``: the FP8 forward, the single-device equivalent of ``ring_fa3_attention(fp8=True)``
+    (see there): q, k, v quantized to e4m3 with per-head scales (``fa3dist.ring.quantize_for_ring``;
+    NaN/inf inputs raise), out bfloat16, lse float32. Forward only (a ValueError when autograd would
+    need a backward), not under ``torch.compile`` (NotImplementedError); ``backend`` must take FP8:
+    "triton" ("auto" on CUDA) or "reference" ("auto" on the CPU; P unrounded).
     """
-    _check_options(causal, return_lse, "zigzag")
+    _check_options(causal, return_lse, "zigzag", fp8)
     check_qkv(q, k, v, causal=causal)
     scale = resolve_scale(softmax_scale, q.shape[-1])
-    kernels = get_backend(backend, q.device, q.dtype)  # an unknown or unusable backend fails here, by name
-    if torch.compiler.is_compiling():  # the custom op keeps attention in the graph
+    kernels = get_backend(backend, q.device, _kernel_dtype(q, fp8))  # an unknown or unusable backend fails here
+    if fp8:
+        _refuse_fp8_under_compile()
+        _check_forward_only(q, k, v)
+        out, lse = ring_forward_fp8(q, k, v, LoopbackRing(0, 1), backend=kernels, softmax_scale=scale, causal=causal,
+                                    layout="zigzag")
+    elif torch.compiler.is_compiling():  # the custom op keeps attention in the graph
         out, lse = attention_op(q, k, v, causal, scale, "zigzag", backend, LOCAL)
     else:  # the op's dispatch costs ~0.1 ms a call in eager mode: call what it calls
         out, lse = attention(q, k, v, LoopbackRing(0, 1), causal=causal, softmax_scale=scale, layout="zigzag",
@@ -77,16 +124,18 @@ def _ring_world_size(group: dist.ProcessGroup | None) -> int:
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
-def _check_ring_inputs(q, k, v, *, causal, softmax_scale, group, layout, backend, return_lse,
+def _check_ring_inputs(q, k, v, *, causal, softmax_scale, group, layout, backend, return_lse, fp8,
                        world_size: int) -> tuple[float, Backend]:
     """This rank's own checks of a ring call: raise TypeError/ValueError, else (scale, backend)."""
-    _check_options(causal, return_lse, layout)
+    _check_options(causal, return_lse, layout, fp8)
     check_qkv(q, k, v, causal=causal)
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"q has {q.shape[1]} local tokens and k/v have {k.shape[1]}; the ring needs "
                          "q, k and v sharded alike")
+    if fp8:
+        _check_forward_only(q, k, v)
     scale = resolve_scale(softmax_scale, q.shape[-1])
-    kernels = get_backend(backend, q.device, q.dtype)
+    kernels = get_backend(backend, q.device, _kernel_dtype(q, fp8))
     if world_size > 1:
         pg_backend = dist.get_backend(group)
         needed = "cpu" if pg_backend == "gloo" else "cuda"
@@ -101,9 +150,11 @@ def _check_ring_inputs(q, k, v, *, causal, softmax_scale, group, layout, backend
 
 def check_ring_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                     softmax_scale: float | None, group: dist.ProcessGroup | None, layout: str, backend: str,
-                    return_lse: bool = False, head_group: dist.ProcessGroup | None = None) -> tuple[float, Backend]:
+                    return_lse: bool = False, head_group: dist.ProcessGroup | None = None,
+                    fp8: bool = False) -> tuple[float, Backend]:
     """Every check of a ``ring_fa3_attention`` call; returns (softmax_scale, backend) resolved.
     ``head_group``: the group of the all-to-all (``fa3dist.ulysses``), None for the flat ring.
+    ``fp8``: the FP8 forward (the backend is resolved for float8_e4m3fn; inputs must not need grad).
 
     With more than one rank, every rank of ``group`` must call it, and every rank gets the same
     error when any rank's own check fails or the ranks disagree on shapes, dtype or options. That
@@ -114,11 +165,11 @@ def check_ring_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     signature, error = None, None
     try:
         scale, kernels = _check_ring_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group,
-                                            layout=layout, backend=backend, return_lse=return_lse,
+                                            layout=layout, backend=backend, return_lse=return_lse, fp8=fp8,
                                             world_size=world_size)
         head_size = 1 if head_group is None else check_head_group(q.shape[2], k.shape[2], group, head_group)
         signature = CallSignature.of(q, k, causal=causal, layout=layout, softmax_scale=scale, backend=kernels.name,
-                                     head_group_size=head_size)
+                                     head_group_size=head_size, fp8=fp8)
     except (TypeError, ValueError) as err:
         if world_size == 1:
             raise
@@ -131,7 +182,8 @@ def check_ring_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 def ring_fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                        softmax_scale: float | None = None, group: dist.ProcessGroup | None = None,
                        head_group: dist.ProcessGroup | None = None, scheme: str | None = None,
-                       layout: str = "zigzag", backend: str = "auto", return_lse: bool = False):
+                       layout: str = "zigzag", backend: str = "auto", return_lse: bool = False,
+                       fp8: bool = False):
     """Exact sequence-parallel attention over the ranks of ``group`` (None: the default group).
 
     Each rank passes its own shard (see ``shard_sequence``) of q (B, S/W, H, D) and k, v
@@ -148,15 +200,35 @@ def ring_fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
     "hierarchical" (the default with ``head_group``) the all-to-all inside ``head_group`` and the
     ring across head groups; "auto" the one ``fa3dist.plan`` predicts fastest. The shards passed
     and returned are the same for every scheme. ``torch.compile`` traces the flat ring only.
+
+    ``fp8=True`` runs the FP8 forward (``fa3dist.ring.ring_forward_fp8``), for inference: each rank
+    quantizes its q, k, v (fp16/bf16/fp32) once to e4m3 with per-head scales, after the Hadamard
+    rotation of q and k when D is a power of two (``fa3dist.ring.quantize_for_ring``); the scales
+    are those of the whole sequence, their amaxes maxed over the ring itself (W - 1 hops of a few
+    floats, no host sync), so the result is ``fa3_attention(fp8=True)`` of the whole sequence up to
+    the kernel's per-block rounding of P (backend "reference", P unrounded: up to float32
+    rounding, before both round to bf16). K and V travel in e4m3, half the bytes of bf16. Out is bfloat16, the lse float32. Forward only: a
+    ValueError when autograd would need a backward (use ``torch.no_grad()`` or detach); the flat
+    ring only and not under ``torch.compile`` (NotImplementedError); the backend must take FP8
+    ("triton", "auto" on CUDA; "reference", "auto" on the CPU), else a ValueError naming those
+    that do. Ranks that disagree on ``fp8`` raise the same error on every rank. NaN/inf inputs
+    are not checked on a ring (it would sync): they make the output NaN. Zigzag: the kernel reads
+    K-major V rows through TMA, which needs 16-byte aligned rows; the ring's only K/V row slice,
+    the first half [0, S/2) of the local S tokens, starts where V's rows start and is aligned for
+    every S, while a slice starting at S/2 would be aligned only when S % 32 == 0, else
+    ``flash_fwd`` copies it (correct, slower).
     """
+    if isinstance(fp8, bool) and fp8:  # a non-bool fp8 fails the checks below, on every rank
+        return _ring_fp8(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group, head_group=head_group,
+                         scheme=scheme, layout=layout, backend=backend, return_lse=return_lse)
     if head_group is None and scheme in (None, "flat"):
         name = group_name(group)
         if torch.compiler.is_compiling():  # the custom op keeps attention in the graph and checks when it runs
-            _check_options(causal, return_lse, layout)
+            _check_options(causal, return_lse, layout, fp8)
             out, lse = attention_op(q, k, v, causal, softmax_scale, layout, backend, name)
         else:  # the same checks and ring functions without the op's dispatch (~0.1 ms a call)
             scale, kernels = check_ring_call(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group,
-                                             layout=layout, backend=backend, return_lse=return_lse)
+                                             layout=layout, backend=backend, return_lse=return_lse, fp8=fp8)
             ring = resolve_ring(name, q, k, v, causal, scale, layout, backend, check=False)[0]
             out, lse = attention(q, k, v, ring, causal=causal, softmax_scale=scale, layout=layout, backend=kernels)
         return (out, lse) if return_lse else out
@@ -172,10 +244,24 @@ def ring_fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
             raise
         check_ranks_agree(None, err, group)  # the other ranks' checks raise this error with it
     scale, kernels = check_ring_call(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group,
-                                     layout=layout, backend=backend, return_lse=return_lse, head_group=head_group)
+                                     layout=layout, backend=backend, return_lse=return_lse, head_group=head_group,
+                                     fp8=fp8)
     if head_group is not None:
         return hierarchical_attention(q, k, v, causal=causal, softmax_scale=scale, group=group, head_group=head_group,
                                       layout=layout, backend=kernels, return_lse=return_lse)
     ring = resolve_ring(group_name(group), q, k, v, causal, scale, layout, backend, check=False)[0]  # "auto" chose flat
     out, lse = attention(q, k, v, ring, causal=causal, softmax_scale=scale, layout=layout, backend=kernels)
+    return (out, lse) if return_lse else out
+
+
+def _ring_fp8(q, k, v, *, causal, softmax_scale, group, head_group, scheme, layout, backend, return_lse):
+    """``ring_fa3_attention(fp8=True)``: the checks with the rank exchange, then the FP8 ring forward."""
+    if head_group is not None or scheme not in (None, "flat"):
+        raise NotImplementedError(f"fp8=True runs the flat ring only (head_group None, scheme None or 'flat'); "
+                                  f"got head_group={'a group' if head_group is not None else None}, scheme={scheme!r}")
+    _refuse_fp8_under_compile()
+    scale, kernels = check_ring_call(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group, layout=layout,
+                                     backend=backend, return_lse=return_lse, fp8=True)
+    ring = resolve_ring(group_name(group), q, k, v, causal, scale, layout, kernels.name, check=False)[0]
+    out, lse = ring_forward_fp8(q, k, v, ring, backend=kernels, softmax_scale=scale, causal=causal, layout=layout)
     return (out, lse) if return_lse else out

@@ -14,6 +14,8 @@ processing, the input checks of an FP8 call, and a float64 emulation of its nume
   (a per-tensor descale with strides (0, 0)), the one form a kernel reads.
 - ``attention_p_fp8`` and ``fp8_reference_fwd``: float64 attention that quantizes P to e4m3 before
   the P V product as FA3 does (see ``attention_p_fp8`` for exactly what is emulated).
+- ``dequantized_fwd``: the "reference" backend's forward, which also takes e4m3 inputs with their
+  descales (dequantized to float32, P unrounded).
 
 Descale convention for the kernel: S = (Q_fp8 K_fp8^T) * q_descale[b, h] * k_descale[b, h // G]
 * softmax_scale, and out = (P_fp8 V_fp8) * v_descale[b, h // G] / rowsum, for G = H / H_kv.
@@ -21,6 +23,7 @@ Descale convention for the kernel: S = (Q_fp8 K_fp8^T) * q_descale[b, h] * k_des
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -72,6 +75,13 @@ def hadamard_signs(head_dim: int, seed: int, *, dtype: torch.dtype = torch.float
     return (2 * bits - 1).to(dtype=dtype, device=device)
 
 
+@functools.cache
+def _signs_on(head_dim: int, seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``hadamard_signs`` made once per device: a rotation then copies nothing from the host (a copy to
+    a GPU waits for the work queued on its stream, a host sync). Never modified."""
+    return hadamard_signs(head_dim, seed, dtype=dtype, device=device)
+
+
 def fwht(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal fast Walsh-Hadamard transform along the last dim: x H / sqrt(D), in x's dtype.
 
@@ -112,7 +122,7 @@ def hadamard_rotate(x: torch.Tensor, *, seed: int) -> torch.Tensor:
     """
     _check_float(x, "x")
     work = _work_dtype(x.dtype)
-    signs = hadamard_signs(x.shape[-1], seed, dtype=work, device=x.device)
+    signs = _signs_on(check_head_dim(x.shape[-1]), _check_seed(seed), work, x.device)
     return fwht(x.to(work) * signs)
 
 
@@ -120,7 +130,7 @@ def hadamard_unrotate(x: torch.Tensor, *, seed: int) -> torch.Tensor:
     """The inverse, x R^T = (x H / sqrt(D)) * s: the same transform, then the signs."""
     _check_float(x, "x")
     work = _work_dtype(x.dtype)
-    signs = hadamard_signs(x.shape[-1], seed, dtype=work, device=x.device)
+    signs = _signs_on(check_head_dim(x.shape[-1]), _check_seed(seed), work, x.device)
     return fwht(x.to(work)) * signs
 
 
@@ -220,7 +230,8 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, granulari
     ``share_amax`` (for shards of one sequence, e.g. the ring's) maps this call's amaxes, all in
     one float32 vector, to those the scales are to be taken from (the max over every shard), so
     that every shard gets the scales of the whole sequence. It also skips the NaN/inf check, which
-    reads values on the host (a device sync); a NaN or inf then makes the output NaN.
+    reads values on the host (a device sync); a NaN or inf then makes the output NaN. Nothing else
+    here reads the device on the host (the rotation's signs are made once per device).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float(t, name)
@@ -240,8 +251,9 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, granulari
         shared = share_amax(torch.cat([a.flatten() for a in amaxes]))
         amaxes = [part.view(a.shape) for part, a in zip(shared.split([a.numel() for a in amaxes]), amaxes)]
     (q8, qd), (k8, kd), (v8, vd) = (_quantize(t, amax) for t, amax in zip((q, k, v), amaxes))
-    log.debug("quantize_qkv: %s scales, incoherent=%s, q_descale max %.3g, k_descale max %.3g, v_descale max %.3g",
-              granularity, incoherent, qd.max().item(), kd.max().item(), vd.max().item())
+    if log.isEnabledFor(logging.DEBUG):  # .item() reads the device: only when the message is wanted
+        log.debug("quantize_qkv: %s scales, incoherent=%s, q_descale max %.3g, k_descale max %.3g, "
+                  "v_descale max %.3g", granularity, incoherent, qd.max().item(), kd.max().item(), vd.max().item())
     return FP8QKV(q8, k8, v8, qd, kd, vd, granularity, seed if incoherent else None)
 
 
@@ -437,3 +449,21 @@ def fp8_reference_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_desca
     if not quantize_p:
         return reference_fwd(qf, kf, vf, softmax_scale=softmax_scale, causal=causal)
     return attention_p_fp8(qf, kf, vf, softmax_scale=softmax_scale, causal=causal, block_n=block_n)
+
+
+# --- the reference backend's forward -------------------------------------------------------------------
+
+def dequantized_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scale: float, causal: bool,
+                    q_descale: torch.Tensor | None = None, k_descale: torch.Tensor | None = None,
+                    v_descale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference_fwd``, which also takes float8_e4m3fn q, k, v with their descales (as ``flash_fwd``).
+
+    16-bit (or float32/float64) inputs without descales: ``reference_fwd`` as it is. FP8 inputs are
+    dequantized to float32 (x_fp8 * descale) and attended in float32 with P unrounded: out and lse
+    are float32. The out is not rounded to the kernel's bf16, so that a ring of such blocks merges
+    to the single-device result up to float32 rounding (the ring rounds once, at its end).
+    """
+    descales = check_fp8_inputs(q, k, v, q_descale, k_descale, v_descale, causal=causal)
+    if descales is not None:
+        q, k, v = (t.to(torch.float32) * d[:, None, :, None] for t, d in zip((q, k, v), descales))
+    return reference_fwd(q, k, v, softmax_scale=softmax_scale, causal=causal)

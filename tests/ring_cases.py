@@ -181,3 +181,58 @@ def ring_peak_bytes_per_token(rank: int, world_size: int, tokens: int = 64) -> d
 
         results[name] = peak_bytes(step, [q, k, v, do]) / tokens
     return results
+
+
+def fp8_ring_calls(rank: int, world_size: int) -> dict:
+    """The FP8 ring over gloo (reference backend), against ``fa3_attention(fp8=True)`` of the whole sequence:
+    relative errors of this rank's out (bf16, and unrounded from ``ring_forward_fp8``) and lse, and against
+    float64 attention of the unquantized inputs; this rank's descales; and the error ("Type: message", or
+    "ok") of calls that differ on rank 1."""
+    from fa3dist import fa3_attention
+    from fa3dist.kernels import fp8, get_backend
+    from fa3dist.ring import LoopbackRing, ProcessGroupRing, quantize_for_ring, ring_forward_fp8
+
+    gen = torch.Generator().manual_seed(31)
+    seq, scale = 2 * world_size * 6, 0.3
+    q = torch.randn(1, seq, 4, 16, generator=gen).bfloat16()
+    k, v = (torch.randn(1, seq, 2, 16, generator=gen).bfloat16() for _ in range(2))
+    results: dict = {}
+    reference = get_backend("reference")
+    for layout, causal in (("zigzag", True), ("contiguous", False)):
+        def shard(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+            return shard_sequence(x, world_size=world_size, rank=rank, layout=layout, seq_dim=dim)
+
+        single, single_lse = fa3_attention(q, k, v, causal=causal, softmax_scale=scale, backend="reference",
+                                           return_lse=True, fp8=True)
+        single32, _ = ring_forward_fp8(q, k, v, LoopbackRing(0, 1), backend=reference, softmax_scale=scale,
+                                       causal=causal, layout=layout, out_dtype=torch.float32)
+        truth, _ = reference_fwd(q.double(), k.double(), v.double(), softmax_scale=scale, causal=causal)
+        out, lse = ring_fa3_attention(shard(q), shard(k), shard(v), causal=causal, softmax_scale=scale, layout=layout,
+                                      backend="reference", return_lse=True, fp8=True)
+        out32, _ = ring_forward_fp8(shard(q), shard(k), shard(v), ProcessGroupRing(), backend=reference,
+                                    softmax_scale=scale, causal=causal, layout=layout, out_dtype=torch.float32)
+        results[f"{layout}-{'causal' if causal else 'full'}"] = {
+            "out": relative_error(out, shard(single)), "out32": relative_error(out32, shard(single32)),
+            "lse": relative_error(lse, shard(single_lse, dim=2)), "truth": relative_error(out, shard(truth)),
+            "dtypes": f"{out.dtype} {lse.dtype}"}
+    x = quantize_for_ring(q.chunk(world_size, 1)[rank], k.chunk(world_size, 1)[rank], v.chunk(world_size, 1)[rank],
+                          ProcessGroupRing())
+    results["descales"] = [d.tolist() for d in (x.q_descale, x.k_descale, x.v_descale)]
+    whole = fp8.quantize_qkv(q, k, v, granularity="head", incoherent=True, seed=0)
+    results["descales of the whole sequence"] = [d.tolist() for d in (whole.q_descale, whole.k_descale,
+                                                                     whole.v_descale)]
+
+    # calls that differ on rank 1 (a disagreement, or rank 1's own check failing); "agree" differs nowhere
+    calls = {"fp8 on rank 1 only": {"fp8": rank == 1},
+             "grad on rank 1": {"grad": rank == 1},
+             "cudnn on rank 1": {"backend": "cudnn" if rank == 1 else "auto"},
+             "agree": {}}
+    for name, call in calls.items():
+        qc = q[:, :8].clone().requires_grad_(call.get("grad", False))
+        try:
+            ring_fa3_attention(qc, k[:, :8], v[:, :8], causal=True, backend=call.get("backend", "auto"),
+                               fp8=call.get("fp8", True))
+            results[name] = "ok"
+        except (TypeError, ValueError) as err:
+            results[name] = f"{type(err).__name__}: {err}"
+    return results

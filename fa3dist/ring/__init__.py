@@ -2,10 +2,11 @@
 
 from .comm import LoopbackRing, ProcessGroupRing, Ring, ThreadRing, run_thread_ring
 from .merge import merge_block_
-from .ring import accumulation_dtype, ring_backward, ring_forward
+from .ring import accumulation_dtype, quantize_for_ring, ring_amax, ring_backward, ring_forward, ring_forward_fp8
 from .schedule import LAYOUTS, BlockTask, block_task, source_rank
 
 __all__ = [
     "LAYOUTS", "BlockTask", "LoopbackRing", "ProcessGroupRing", "Ring", "ThreadRing", "accumulation_dtype",
-    "block_task", "merge_block_", "ring_backward", "ring_forward", "run_thread_ring", "source_rank",
+    "block_task", "merge_block_", "quantize_for_ring", "ring_amax", "ring_backward", "ring_forward",
+    "ring_forward_fp8", "run_thread_ring", "source_rank",
 ]

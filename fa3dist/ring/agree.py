@@ -54,25 +54,26 @@ class CallSignature:
     softmax_scale: float
     backend: str
     head_group_size: int = 1  # ranks of the all-to-all (fa3dist.ulysses); 1 for the flat ring
+    fp8: bool = False  # the FP8 forward (ring_fa3_attention(fp8=True))
 
     @classmethod
     def of(cls, q: torch.Tensor, k: torch.Tensor, *, causal: bool, layout: str, softmax_scale: float,
-           backend: str, head_group_size: int = 1) -> CallSignature:
+           backend: str, head_group_size: int = 1, fp8: bool = False) -> CallSignature:
         """The signature of a call with these (already checked) inputs; reads shapes only."""
         batch, seq_local, heads, head_dim = q.shape
         return cls(batch, seq_local, heads, k.shape[2], head_dim, q.dtype, causal, layout, softmax_scale, backend,
-                   head_group_size)
+                   head_group_size, fp8)
 
     def encode(self) -> list[int]:
         return [self.batch, self.seq_local, self.heads, self.kv_heads, self.head_dim, FLOAT_DTYPES.index(self.dtype),
                 int(self.causal), LAYOUTS.index(self.layout), _float_bits(self.softmax_scale),
-                BACKEND_NAMES.index(self.backend), self.head_group_size]
+                BACKEND_NAMES.index(self.backend), self.head_group_size, int(self.fp8)]
 
     @classmethod
     def decode(cls, codes: list[int]) -> CallSignature:
-        batch, seq_local, heads, kv_heads, head_dim, dtype, causal, layout, scale, backend, head_group_size = codes
+        batch, seq_local, heads, kv_heads, head_dim, dtype, causal, layout, scale, backend, head_group_size, fp8 = codes
         return cls(batch, seq_local, heads, kv_heads, head_dim, FLOAT_DTYPES[dtype], bool(causal), LAYOUTS[layout],
-                   _bits_float(scale), BACKEND_NAMES[backend], head_group_size)
+                   _bits_float(scale), BACKEND_NAMES[backend], head_group_size, bool(fp8))
 
 
 _NUM_CODES = len(fields(CallSignature))
