@@ -309,16 +309,17 @@ class KMajorV:
         return torch.Size((batch, self.seq, heads, dim))
 
     def keys(self, rows: slice) -> KMajorV:
-        """Keys ``rows`` (a step-1 slice) of V: a view when the slice starts on a group of 32 (the ring's
-        blocks do when their length is a multiple of 32), else a copy."""
+        """Keys ``rows`` (a step-1 slice) of V: a view when the slice starts on a group of 32, else a copy.
+
+        A view ending inside a group keeps that group's other keys in storage: the kernel masks every
+        key past ``seq`` (its P is 0, and e4m3fn has no inf), so they add nothing.
+        """
         start, stop, step = rows.indices(self.seq)
         if step != 1:
             raise ValueError(f"rows must be a slice with step 1, got {rows}")
         if start % KEY_GROUP:
             return kmajor_v(self.to_bshd()[:, start:stop])
         end = min(-(-stop // KEY_GROUP) * KEY_GROUP, self.storage.shape[-1])
-        if stop != self.seq and stop % KEY_GROUP:  # a group cut in two: its tail keys must read zero
-            return kmajor_v(self.to_bshd()[:, start:stop])
         return KMajorV(self.storage[..., start:end], stop - start)
 
     def to_bshd(self) -> torch.Tensor:
@@ -458,12 +459,13 @@ def dequantized_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softma
                     v_descale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference_fwd``, which also takes float8_e4m3fn q, k, v with their descales (as ``flash_fwd``).
 
-    16-bit (or float32/float64) inputs without descales: ``reference_fwd`` as it is. FP8 inputs are
-    dequantized to float32 (x_fp8 * descale) and attended in float32 with P unrounded: out and lse
+    16-bit (or float32/float64) inputs without descales: ``reference_fwd`` as it is. FP8 inputs (v
+    may be a ``KMajorV``) are dequantized to float32 (x_fp8 * descale) and attended in float32 with P unrounded: out and lse
     are float32. The out is not rounded to the kernel's bf16, so that a ring of such blocks merges
     to the single-device result up to float32 rounding (the ring rounds once, at its end).
     """
     descales = check_fp8_inputs(q, k, v, q_descale, k_descale, v_descale, causal=causal)
     if descales is not None:
+        v = v.to_bshd() if isinstance(v, KMajorV) else v
         q, k, v = (t.to(torch.float32) * d[:, None, :, None] for t, d in zip((q, k, v), descales))
     return reference_fwd(q, k, v, softmax_scale=softmax_scale, causal=causal)

@@ -62,6 +62,25 @@ def test_ring_bench_runs_on_cpu_and_writes_results(tmp_path):
     assert "partial" not in data["meta"]
 
 
+def test_ring_bench_fp8_pass_on_cpu(tmp_path):
+    """Pass "fp8": the FP8 ring forward on virtual ranks against the single-device FP8 forward, both
+    quantizing the whole sequence alike (reference backend: equal up to float32 rounding, bf16 out)."""
+    cfg = load_config(RingBenchConfig, None, ["device=cpu", "backend=reference", "dtype=bfloat16", "seq_len=128",
+                                              "heads=4", "kv_heads=2", "head_dim=16", "world_sizes=[2, 4]",
+                                              "passes=[fwd, fp8]"])
+    paths = write_ring_results(cfg, str(tmp_path), plot=False)
+    rows = json.loads(open(next(p for p in paths if p.endswith(".json"))).read())["rows"]
+    assert sorted({(r["world_size"], r["pass"]) for r in rows}) == [
+        (1, "fp8"), (1, "fwd"), (2, "fp8"), (2, "fwd"), (4, "fp8"), (4, "fwd")]
+    for row in rows:
+        assert row["rel_err_vs_monolithic"] < 1e-2 and row["tflops"] > 0  # bf16 outputs: one rounding apart
+
+
+def test_ring_bench_rejects_an_unknown_pass():
+    with pytest.raises(ConfigError, match="passes"):
+        load_config(RingBenchConfig, None, ["passes=[fp16]"])
+
+
 def test_a_ring_bench_stopped_part_way_keeps_what_it_measured(tmp_path, monkeypatch):
     """The result files are rewritten after every measurement: a run that dies (here: its fourth
     timing raises) leaves the three rows it measured, marked partial."""

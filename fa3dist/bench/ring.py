@@ -4,7 +4,9 @@ For W virtual ranks (threads of this process, see ``fa3dist.ring.ThreadRing``) i
 exact per-step schedule — the same kernel calls on the same zigzag blocks, the same merges and
 backward accumulations in the same order — with K/V handed over in memory instead of over NCCL,
 against one kernel call over the whole sequence. The GPU runs all virtual ranks' work one after
-another, so the ratio of the two times is the cost of the decomposition itself.
+another, so the ratio of the two times is the cost of the decomposition itself. Pass "fp8" is the
+FP8 forward (``ring_fa3_attention(fp8=True)``: each rank quantizes its shard, K/V travel in e4m3),
+timed with its quantization, against the single-device FP8 forward.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fa3dist.kernels.checks import resolve_scale
 from fa3dist.kernels.numerics import relative_error
 from fa3dist.layout import shard_sequence
 from fa3dist.ring import LoopbackRing, ring_backward, ring_forward, run_thread_ring
+from fa3dist.ring.ring import ring_forward_fp8
 from fa3dist.ring.schedule import LAYOUTS
 
 from .common import (DTYPES, Checkpoint, attention_flops, gpu_tag, markdown_table, run_meta, time_ms_events,
@@ -44,25 +47,27 @@ class RingBenchConfig:
     causal: bool = True
     layout: str = "zigzag"
     world_sizes: list[int] = field(default_factory=lambda: [2, 4, 8])
-    passes: list[str] = field(default_factory=lambda: ["fwd", "fwd+bwd"])
+    passes: list[str] = field(default_factory=lambda: ["fwd", "fwd+bwd"])  # also "fp8": the FP8 forward
     backend: str = "auto"
     device: str = "cuda"  # cpu runs the same schedule with the reference backend (for tests)
     seed: int = 0
 
     def check(self) -> None:
         check_choices(self, {"device": ("cuda", "cpu"), "dtype": DTYPES, "layout": LAYOUTS,
-                             "backend": BACKEND_NAMES, "passes": ("fwd", "fwd+bwd")})
+                             "backend": BACKEND_NAMES, "passes": ("fwd", "fwd+bwd", "fp8")})
         for w in self.world_sizes:
             chunks = 2 * w if self.layout == "zigzag" else w
             if w < 1 or self.seq_len % chunks:
                 raise ValueError(f"key 'world_sizes': seq_len {self.seq_len} does not split into {chunks} chunks")
 
 
-def _schedule(q, k, v, do, ring, *, backend, scale, cfg, with_backward: bool) -> list[torch.Tensor]:
-    """One rank's ring forward (and backward): the exact calls ``ring_fa3_attention`` makes."""
-    opts = dict(backend=backend, softmax_scale=scale, causal=cfg.causal, layout=cfg.layout)
+def _schedule(q, k, v, do, ring, *, backends, scale, cfg, pass_: str) -> list[torch.Tensor]:
+    """One rank's ring forward (and backward, or the FP8 forward): the exact calls ``ring_fa3_attention`` makes."""
+    opts = dict(backend=backends[pass_ == "fp8"], softmax_scale=scale, causal=cfg.causal, layout=cfg.layout)
+    if pass_ == "fp8":
+        return [ring_forward_fp8(q, k, v, ring, **opts)[0]]
     out, lse = ring_forward(q, k, v, ring, **opts)
-    if not with_backward:
+    if pass_ == "fwd":
         return [out]
     return [out, *ring_backward(do, q, k, v, out, lse, ring, **opts)]
 
@@ -76,6 +81,7 @@ def run_ring_bench(cfg: RingBenchConfig, checkpoint: Checkpoint | None = None
                            "configs/bench_ring_cpu.yaml: the default problem needs terabytes on a CPU)")
     dtype = DTYPES[cfg.dtype]
     backend = get_backend(cfg.backend, cfg.device, dtype)
+    backends = (backend, get_backend(cfg.backend, cfg.device, torch.float8_e4m3fn) if "fp8" in cfg.passes else None)
     scale = resolve_scale(None, cfg.head_dim)
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     shape_q = (cfg.batch, cfg.seq_len, cfg.heads, cfg.head_dim)
@@ -88,21 +94,20 @@ def run_ring_bench(cfg: RingBenchConfig, checkpoint: Checkpoint | None = None
     steps = [(w, p) for p in cfg.passes for w in [1, *cfg.world_sizes]]
     monolithic: dict[str, tuple[float, list[torch.Tensor]]] = {}
     for world_size, pass_ in tqdm(steps, desc="bench ring", unit="run"):
-        with_backward = pass_ == "fwd+bwd"
         if world_size == 1:
             def run() -> list[torch.Tensor]:
-                return _schedule(q, k, v, do, LoopbackRing(0, 1), backend=backend, scale=scale, cfg=cfg,
-                                 with_backward=with_backward)
+                return _schedule(q, k, v, do, LoopbackRing(0, 1), backends=backends, scale=scale, cfg=cfg,
+                                 pass_=pass_)
         else:
             shards = [[shard_sequence(t, world_size=world_size, rank=r, layout=cfg.layout).contiguous()
                        for t in (q, k, v, do)] for r in range(world_size)]
             for r in (0, world_size - 1):  # tune the kernels on every block shape before threads share the GPU
-                _schedule(*shards[r], LoopbackRing(r, world_size), backend=backend, scale=scale, cfg=cfg,
-                          with_backward=with_backward)
+                _schedule(*shards[r], LoopbackRing(r, world_size), backends=backends, scale=scale, cfg=cfg,
+                          pass_=pass_)
 
             def run() -> list[list[torch.Tensor]]:
-                return run_thread_ring(lambda ring: _schedule(*shards[ring.rank], ring, backend=backend, scale=scale,
-                                                              cfg=cfg, with_backward=with_backward), world_size)
+                return run_thread_ring(lambda ring: _schedule(*shards[ring.rank], ring, backends=backends, scale=scale,
+                                                              cfg=cfg, pass_=pass_), world_size)
         results = run()
         if world_size == 1:
             monolithic[pass_] = (0.0, results)
@@ -114,7 +119,8 @@ def run_ring_bench(cfg: RingBenchConfig, checkpoint: Checkpoint | None = None
                         for r in range(world_size) for i in range(len(want)))
         del results
         ms = time_ms_events(run)
-        flops = attention_flops(cfg.batch, cfg.heads, cfg.seq_len, cfg.head_dim, cfg.causal, pass_)
+        flops = attention_flops(cfg.batch, cfg.heads, cfg.seq_len, cfg.head_dim, cfg.causal,
+                                "fwd" if pass_ == "fp8" else pass_)
         if world_size == 1:
             monolithic[pass_] = (ms, monolithic[pass_][1])
         rows.append({**base, "pass": pass_, "world_size": world_size, "virtual": world_size > 1, "ms": ms,

@@ -35,16 +35,16 @@ e4m3 inputs. Each rank quantizes its q, k, v once, with per-head scales taken fr
 the whole sequence: before the first step the ranks pass their amax vector (B·H + 2·B·H_kv
 floats) W - 1 hops round the ring and keep the elementwise max (``ring_amax``): W - 1 latencies
 of a tiny message, not overlapped, but no collective and no host sync. The descales are then the
-same on every rank and never travel. Right after quantizing, V is transposed once to K-major
-(``fp8.kmajor_storage``: (B, H_kv, D, S'), S' the local length S rounded up to 16), which reads
-and writes its B·S·H_kv·D bytes once; it travels and reaches the kernel in that layout, so no
-step transposes it again. What travels are uint8 views of the e4m3 storage, K as (B, S, H_kv, D)
-and V as (B, H_kv, D, S'): 2·H_kv·D bytes per token (plus V's padding to 16 tokens) against
-4·H_kv·D in bf16, 2 KiB against 4 KiB at H_kv = 8, D = 128. The kernel gets ``kmajor_view``
-slices; its TMA needs 16-byte aligned K-major rows, and the schedule's only K/V row slice
-(zigzag: the first half [0, S/2)) starts where the rows start, so it is aligned for any S (one
-starting at S/2 would be aligned only when S % 32 == 0; ``flash_fwd`` would copy it). The out
-accumulator is fp32 as in the 16-bit ring, also with one rank; the result is bf16.
+same on every rank and never travel. Right after quantizing, V is transposed once into the FP8
+kernel's layout (``fp8.kmajor_v``: (B, H_kv, D, S'), keys contiguous in the kernel's order, S' the
+local length S rounded up to 32), which reads and writes its B·S·H_kv·D bytes once; it travels and
+reaches the kernel in that layout, so no step transposes it again. What travels are uint8 views
+of the e4m3 storage, K as (B, S, H_kv, D) and V as (B, H_kv, D, S'): 2·H_kv·D bytes per token (plus
+V's padding to 32 tokens) against 4·H_kv·D in bf16, 2 KiB against 4 KiB at H_kv = 8, D = 128. The
+kernel gets ``KMajorV.keys`` slices, views when they start on a group of 32 keys: the schedule's
+only K/V row slice (zigzag: the first half [0, S/2)) starts at 0 (one starting at S/2 would be a
+view only when S % 64 == 0, else a copy). The out accumulator is fp32 as in the 16-bit ring, also
+with one rank; the result is bf16.
 """
 
 from __future__ import annotations
@@ -186,11 +186,11 @@ def ring_forward_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ri
     """
     x = quantize_for_ring(q, k, v, ring)
     seq_kv = k.shape[1]
-    travel = [x.k.contiguous().view(torch.uint8), fp8.kmajor_storage(x.v).view(torch.uint8)]
+    travel = [x.k.contiguous().view(torch.uint8), fp8.kmajor_v(x.v).storage.view(torch.uint8)]
 
-    def kv_of(kv: list[torch.Tensor], rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def kv_of(kv: list[torch.Tensor], rows: slice) -> tuple[torch.Tensor, fp8.KMajorV]:
         k8, v_storage = (t.view(fp8.FP8_DTYPE) for t in kv)
-        return k8[:, rows], fp8.kmajor_view(v_storage, seq_kv)[:, rows]
+        return k8[:, rows], fp8.KMajorV(v_storage, seq_kv).keys(rows)
 
     descales = dict(q_descale=x.q_descale, k_descale=x.k_descale, v_descale=x.v_descale)
     return _ring_loop(x.q, travel, kv_of, ring, backend=backend, softmax_scale=softmax_scale, causal=causal,
