@@ -76,10 +76,12 @@ def hadamard_signs(head_dim: int, seed: int, *, dtype: torch.dtype = torch.float
 
 
 @functools.cache
-def _signs_on(head_dim: int, seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``hadamard_signs`` made once per device: a rotation then copies nothing from the host (a copy to
-    a GPU waits for the work queued on its stream, a host sync). Never modified."""
-    return hadamard_signs(head_dim, seed, dtype=dtype, device=device)
+def _rotation_on(head_dim: int, seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """R = diag(s) H / sqrt(D) as a (D, D) matrix, made once per device: a rotation is then one matrix
+    product (a pass over x, where the butterflies of ``fwht`` take log2(D)) and copies nothing from the
+    host (a copy to a GPU waits for the work queued on its stream, a host sync). Never modified."""
+    signs = hadamard_signs(head_dim, seed, dtype=dtype)
+    return (signs[:, None] * fwht(torch.eye(head_dim, dtype=dtype))).to(device)
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
@@ -117,21 +119,20 @@ def _check_float(x: torch.Tensor, name: str) -> None:
 def hadamard_rotate(x: torch.Tensor, *, seed: int) -> torch.Tensor:
     """x R along the last dim, R = diag(s) H / sqrt(D) with s = ``hadamard_signs(D, seed)``.
 
-    Computed in float32 (float64 for float64 x) and returned in that dtype, so that a following
-    quantization sees no extra rounding. Rotate q and k with one seed; leave v alone.
+    One matrix product in float32 (float64 for float64 x; float32 products follow torch's TF32
+    setting, off by default), returned in that dtype, so that a following quantization sees no extra
+    rounding. Rotate q and k with one seed; leave v alone.
     """
     _check_float(x, "x")
     work = _work_dtype(x.dtype)
-    signs = _signs_on(check_head_dim(x.shape[-1]), _check_seed(seed), work, x.device)
-    return fwht(x.to(work) * signs)
+    return x.to(work) @ _rotation_on(check_head_dim(x.shape[-1]), _check_seed(seed), work, x.device)
 
 
 def hadamard_unrotate(x: torch.Tensor, *, seed: int) -> torch.Tensor:
-    """The inverse, x R^T = (x H / sqrt(D)) * s: the same transform, then the signs."""
+    """The inverse, x R^T."""
     _check_float(x, "x")
     work = _work_dtype(x.dtype)
-    signs = _signs_on(check_head_dim(x.shape[-1]), _check_seed(seed), work, x.device)
-    return fwht(x.to(work)) * signs
+    return x.to(work) @ _rotation_on(check_head_dim(x.shape[-1]), _check_seed(seed), work, x.device).T
 
 
 # --- quantization -------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The FP8 ring forward with the Gluon FP8 kernel on one sm_90 GPU, over virtual ranks (ThreadRing).
 
-The ring at W ranks must give the single-device FP8 forward (``fa3_attention(fp8=True)``) up to the
-kernel's per-key-block rounding of P to e4m3 (the ring's blocks are not the single call's), and both
-must be as close to float64 attention of the unquantized inputs. No step syncs the host with the GPU.
+The ring at W ranks quantizes q, k, v exactly as the single-device FP8 forward (``fa3_attention(fp8=True)``)
+does, but P's rounding to e4m3 is relative to each call's running max, and the ring's calls see fewer
+keys: the two differ by 2-3% (H200, 2026-12-02), about half their distance from float64 attention. So
+the ring must be as close to float64 attention of the unquantized inputs as the single call, and within
+5% of it. No step syncs the host with the GPU.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def test_fp8_ring_matches_the_single_device_fp8_forward(world_size, layout, caus
     single, truth = (torch.cat([shard_sequence(t, world_size=world_size, rank=r, layout=layout)
                                 for r in range(world_size)], dim=1) for t in (single, truth))
     assert ring_out.dtype == torch.bfloat16 and torch.isfinite(ring_out).all()
-    assert relative_error(ring_out, single) < 2e-2
+    assert relative_error(ring_out, single) < 5e-2
     assert relative_error(ring_out, truth) <= 1.1 * relative_error(single, truth) + 1e-3
 
 
