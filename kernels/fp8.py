@@ -76,14 +76,12 @@ def hadamard_signs(head_dim: int, seed: int, *, dtype: torch.dtype = torch.float
 
 
 @functools.cache
-def signs_times_hadamard(head_dim: int, seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """diag(s) H, the +-1 (D, D) matrix of the rotation R = diag(s) H / sqrt(D), made once per device
-    and dtype: a rotation is then one matrix product with exact products (a pass over x, where the
-    butterflies of ``fwht`` take log2(D)) and copies nothing from the host (a copy to a GPU waits for
-    the work queued on its stream, a host sync). Never modified."""
-    signs = hadamard_signs(head_dim, seed, dtype=torch.float64)
-    unit = fwht(torch.eye(head_dim, dtype=torch.float64)) * math.sqrt(head_dim)
-    return (signs[:, None] * unit).round().to(dtype).to(device)
+def _rotation_on(head_dim: int, seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """R = diag(s) H / sqrt(D) as a (D, D) matrix, made once per device: a rotation is then one matrix
+    product (a pass over x, where the butterflies of ``fwht`` take log2(D)) and copies nothing from the
+    host (a copy to a GPU waits for the work queued on its stream, a host sync). Never modified."""
+    signs = hadamard_signs(head_dim, seed, dtype=dtype)
+    return (signs[:, None] * fwht(torch.eye(head_dim, dtype=dtype))).to(device)
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
@@ -126,15 +124,15 @@ def hadamard_rotate(x: torch.Tensor, *, seed: int) -> torch.Tensor:
     rounding. Rotate q and k with one seed; leave v alone.
     """
     _check_float(x, "x")
-    work, dim = _work_dtype(x.dtype), check_head_dim(x.shape[-1])
-    return (x.to(work) @ signs_times_hadamard(dim, _check_seed(seed), work, x.device)) * (1.0 / math.sqrt(dim))
+    work = _work_dtype(x.dtype)
+    return x.to(work) @ _rotation_on(check_head_dim(x.shape[-1]), _check_seed(seed), work, x.device)
 
 
 def hadamard_unrotate(x: torch.Tensor, *, seed: int) -> torch.Tensor:
     """The inverse, x R^T."""
     _check_float(x, "x")
-    work, dim = _work_dtype(x.dtype), check_head_dim(x.shape[-1])
-    return (x.to(work) @ signs_times_hadamard(dim, _check_seed(seed), work, x.device).T) * (1.0 / math.sqrt(dim))
+    work = _work_dtype(x.dtype)
+    return x.to(work) @ _rotation_on(check_head_dim(x.shape[-1]), _check_seed(seed), work, x.device).T
 
 
 # --- quantization -------------------------------------------------------------------------------------
@@ -161,23 +159,6 @@ def _quantize(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.
     work = _work_dtype(x.dtype)
     scaled = x.to(work) / _broadcast(descale, x.dim()).to(work)
     return scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), descale
-
-
-def _shared(amaxes: list[torch.Tensor], share_amax: Callable[[torch.Tensor], torch.Tensor] | None
-            ) -> list[torch.Tensor]:
-    """The amaxes of q, k, v after ``share_amax`` (one call on them all, flattened), or as they are."""
-    if share_amax is None:
-        return amaxes
-    shared = share_amax(torch.cat([a.flatten() for a in amaxes]))
-    return [part.view(a.shape) for part, a in zip(shared.split([a.numel() for a in amaxes]), amaxes)]
-
-
-def _fused_quantization(x: torch.Tensor) -> bool:
-    """Whether the Triton quantization kernels take ``x``: a CUDA tensor of sm89+ (e4m3 conversions),
-    D a power of two in [16, 256]."""
-    dim = x.shape[-1]
-    return (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9) and 16 <= dim <= 256
-            and dim & (dim - 1) == 0 and x.dtype != torch.float64)
 
 
 def _check_finite(x: torch.Tensor, name: str) -> None:
@@ -252,9 +233,6 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, granulari
     that every shard gets the scales of the whole sequence. It also skips the NaN/inf check, which
     reads values on the host (a device sync); a NaN or inf then makes the output NaN. Nothing else
     here reads the device on the host (the rotation's signs are made once per device).
-
-    On a GPU (sm89 and later, D a power of two up to 256) two Triton kernels (``fp8_quant``) do the
-    rotation, amax and rounding without storing the rotated tensors; elsewhere PyTorch does.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float(t, name)
@@ -268,20 +246,12 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, granulari
             _check_finite(t, name)
     if incoherent:
         check_head_dim(q.shape[-1])
-    if all(_fused_quantization(t) for t in (q, k, v)):
-        from . import fp8_quant
-
-        rotation = signs_times_hadamard(q.shape[-1], seed, torch.float32, q.device) if incoherent else None
-        rotations = (rotation, rotation, None)
-        tensors = [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)]
-        amaxes = [fp8_quant.amax(t, granularity, r) for t, r in zip(tensors, rotations)]
-        amaxes = _shared(amaxes, share_amax)
-        (q8, qd), (k8, kd), (v8, vd) = (fp8_quant.quantize(t, a, r) for t, a, r in zip(tensors, amaxes, rotations))
-    else:
-        if incoherent:
-            q, k = hadamard_rotate(q, seed=seed), hadamard_rotate(k, seed=seed)
-        amaxes = _shared([_amax(t, granularity) for t in (q, k, v)], share_amax)
-        (q8, qd), (k8, kd), (v8, vd) = (_quantize(t, amax) for t, amax in zip((q, k, v), amaxes))
+        q, k = hadamard_rotate(q, seed=seed), hadamard_rotate(k, seed=seed)
+    amaxes = [_amax(t, granularity) for t in (q, k, v)]
+    if share_amax is not None:
+        shared = share_amax(torch.cat([a.flatten() for a in amaxes]))
+        amaxes = [part.view(a.shape) for part, a in zip(shared.split([a.numel() for a in amaxes]), amaxes)]
+    (q8, qd), (k8, kd), (v8, vd) = (_quantize(t, amax) for t, amax in zip((q, k, v), amaxes))
     if log.isEnabledFor(logging.DEBUG):  # .item() reads the device: only when the message is wanted
         log.debug("quantize_qkv: %s scales, incoherent=%s, q_descale max %.3g, k_descale max %.3g, "
                   "v_descale max %.3g", granularity, incoherent, qd.max().item(), kd.max().item(), vd.max().item())
