@@ -212,11 +212,13 @@ def ring_fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
     ring only and not under ``torch.compile`` (NotImplementedError); the backend must take FP8
     ("triton", "auto" on CUDA; "reference", "auto" on the CPU), else a ValueError naming those
     that do. Ranks that disagree on ``fp8`` raise the same error on every rank. NaN/inf inputs
-    are not checked on a ring (it would sync): they make the output NaN. Zigzag: the kernel reads
-    K-major V rows through TMA, which needs 16-byte aligned rows; the ring's only K/V row slice,
-    the first half [0, S/2) of the local S tokens, starts where V's rows start and is aligned for
-    every S, while a slice starting at S/2 would be aligned only when S % 32 == 0, else
-    ``flash_fwd`` copies it (correct, slower).
+    are not checked on a ring (it would sync): they make the output NaN. On a GPU the rotation is a
+    float32 matrix product (TF32 when torch's float32 matmul precision allows it), whose last bits
+    may depend on the shard's shape, so a value on a rounding boundary may round one e4m3 step
+    away from the single-device one. Zigzag: V travels in the kernel's layout (``fp8.KMajorV``,
+    keys permuted inside every 32); the ring's only K/V row slice, the first half [0, S/2) of the
+    local S tokens, starts at 0 and is a view for every S (``KMajorV.keys`` copies a slice that
+    starts inside a group of 32).
     """
     if isinstance(fp8, bool) and fp8:  # a non-bool fp8 fails the checks below, on every rank
         return _ring_fp8(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group, head_group=head_group,

@@ -2,11 +2,10 @@
 processing, the input checks of an FP8 call, and a float64 emulation of its numerics.
 
 - ``hadamard_rotate`` / ``hadamard_unrotate``: x -> x R with R = diag(s) H / sqrt(D), s a random
-  +-1 vector drawn from a seed and H the (symmetric, Sylvester) Walsh-Hadamard matrix, by a fast
-  Walsh-Hadamard transform (O(D log D)). R is orthogonal, so rotating Q and K alike leaves Q K^T
-  unchanged while it spreads an outlier of one feature over all D of them; V is not rotated, so
-  the attention output is unchanged too. H / sqrt(D) is its own inverse: undoing R is the same
-  transform followed by the signs.
+  +-1 vector drawn from a seed and H the (symmetric, Sylvester) Walsh-Hadamard matrix, as one
+  matrix product with R (made once per device by the fast Walsh-Hadamard transform ``fwht``). R is
+  orthogonal, so rotating Q and K alike leaves Q K^T unchanged while it spreads an outlier of one
+  feature over all D of them; V is not rotated, so the attention output is unchanged too.
 - ``quantize_fp8``: x ~= x_fp8.float() * descale, with one fp32 descale per tensor, shape (1,),
   or per (batch, head), shape (B, H) for a (B, S, H, D) tensor.
 - ``quantize_qkv``: the entry point, returning a frozen ``FP8QKV``.
@@ -48,6 +47,11 @@ _FP8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e
 
 
 # --- the random Hadamard rotation -------------------------------------------------------------------
+
+def is_power_of_two(n: int) -> bool:
+    """Whether ``n`` is a positive power of two (a head dim the rotation takes)."""
+    return n > 0 and n & (n - 1) == 0
+
 
 def check_head_dim(head_dim: int) -> int:
     """``head_dim`` after checking that it is a power of two (the FWHT needs one)."""
@@ -119,9 +123,10 @@ def _check_float(x: torch.Tensor, name: str) -> None:
 def hadamard_rotate(x: torch.Tensor, *, seed: int) -> torch.Tensor:
     """x R along the last dim, R = diag(s) H / sqrt(D) with s = ``hadamard_signs(D, seed)``.
 
-    One matrix product in float32 (float64 for float64 x; float32 products follow torch's TF32
-    setting, off by default), returned in that dtype, so that a following quantization sees no extra
-    rounding. Rotate q and k with one seed; leave v alone.
+    One matrix product in float32 (float64 for float64 x), returned in that dtype, so that a following
+    quantization sees no rounding but the product's. Float32 products follow torch's matmul precision:
+    with TF32 allowed ("high") they keep 10 mantissa bits, still far more than e4m3's 3. Rotate q and
+    k with one seed; leave v alone.
     """
     _check_float(x, "x")
     work = _work_dtype(x.dtype)
@@ -313,7 +318,8 @@ class KMajorV:
         """Keys ``rows`` (a step-1 slice) of V: a view when the slice starts on a group of 32, else a copy.
 
         A view ending inside a group keeps that group's other keys in storage: the kernel masks every
-        key past ``seq`` (its P is 0, and e4m3fn has no inf), so they add nothing.
+        key past ``seq`` (its P is 0), so they add nothing as long as they are finite, which e4m3 values
+        quantized from finite inputs are (e4m3fn has no inf; its NaN comes only from a NaN input).
         """
         start, stop, step = rows.indices(self.seq)
         if step != 1:
@@ -435,6 +441,14 @@ def attention_p_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softma
     return out.reshape(batch, seq_q, heads, head_dim), lse.reshape(batch, heads, seq_q)
 
 
+def dequantized(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | KMajorV, descales: tuple[torch.Tensor, ...],
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x_fp8 * descale of checked e4m3 q, k, v (v may be a ``KMajorV``) with their (B, heads) descales
+    (``check_fp8_inputs``), in ``dtype``."""
+    v = v.to_bshd() if isinstance(v, KMajorV) else v
+    return tuple(t.to(dtype) * d.to(dtype)[:, None, :, None] for t, d in zip((q, k, v), descales))
+
+
 def fp8_reference_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_descale: torch.Tensor,
                       k_descale: torch.Tensor, v_descale: torch.Tensor, *, softmax_scale: float, causal: bool,
                       quantize_p: bool = True, block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -447,7 +461,7 @@ def fp8_reference_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_desca
     descales = check_fp8_inputs(q, k, v, q_descale, k_descale, v_descale, causal=causal)
     if descales is None:
         raise TypeError(f"q, k and v must be float8_e4m3fn, got {q.dtype}")
-    qf, kf, vf = (t.to(torch.float64) * d.to(torch.float64)[:, None, :, None] for t, d in zip((q, k, v), descales))
+    qf, kf, vf = dequantized(q, k, v, descales, torch.float64)
     if not quantize_p:
         return reference_fwd(qf, kf, vf, softmax_scale=softmax_scale, causal=causal)
     return attention_p_fp8(qf, kf, vf, softmax_scale=softmax_scale, causal=causal, block_n=block_n)
@@ -467,6 +481,5 @@ def dequantized_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softma
     """
     descales = check_fp8_inputs(q, k, v, q_descale, k_descale, v_descale, causal=causal)
     if descales is not None:
-        v = v.to_bshd() if isinstance(v, KMajorV) else v
-        q, k, v = (t.to(torch.float32) * d[:, None, :, None] for t, d in zip((q, k, v), descales))
+        q, k, v = dequantized(q, k, v, descales, torch.float32)
     return reference_fwd(q, k, v, softmax_scale=softmax_scale, causal=causal)

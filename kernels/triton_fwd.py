@@ -294,13 +294,14 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scal
     (or the given bf16/float32 ``out``); see ``_fp8_fwd``.
     """
     descales = fp8.check_fp8_inputs(q, k, v, q_descale, k_descale, v_descale, causal=causal)
-    if descales is not None:
-        return _fp8_fwd(q, k, v, descales, softmax_scale, causal, out, lse, accumulate)
-    check_qkv(q, k, v, causal=causal, dtypes=(torch.float16, torch.bfloat16, torch.float32),
-              max_head_dim=256, head_dim_multiple=8)
+    if descales is None:
+        check_qkv(q, k, v, causal=causal, dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                  max_head_dim=256, head_dim_multiple=8)
     if softmax_scale is None:
         raise TypeError("softmax_scale must be a positive float, got None")
     softmax_scale = resolve_scale(softmax_scale, q.shape[-1])
+    if descales is not None:
+        return _fp8_fwd(q, k, v, descales, softmax_scale, causal, out, lse, accumulate)
     _check_out(q, out, lse, accumulate)
     check_device(q, "flash_fwd")
     q, k, v = (tma_ready(t) for t in (q, k, v))
@@ -321,9 +322,6 @@ def _fp8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descales: tuple[
     makes it first. Elsewhere (the CPU, other GPUs) the ``tl`` kernel in float32 on the dequantized
     inputs, with P unrounded.
     """
-    if softmax_scale is None:
-        raise TypeError("softmax_scale must be a positive float, got None")
-    softmax_scale = resolve_scale(softmax_scale, q.shape[-1])
     _check_out(q, out, lse, accumulate, (torch.bfloat16, torch.float32))
     if out is None:
         batch, seq_q, heads, _ = q.shape
@@ -331,11 +329,13 @@ def _fp8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descales: tuple[
         lse = torch.empty(batch, heads, seq_q, device=q.device, dtype=torch.float32)
     reason = None if kernel_path() != "tl" else "FA3DIST_KERNEL=tl"
     reason = reason or gluon_fwd.gluon_supported(q, out)
+    if reason is not None and kernel_path() == "gluon":
+        warn_once(f"FA3DIST_KERNEL=gluon, but the Gluon FP8 forward cannot take this call ({reason}): "
+                  f"using tl on the dequantized inputs")
     if reason is not None:
         note_path("flash_fwd", "tl", "FP8 inputs dequantized to float32 (%s): q=%s k=%s causal=%s", reason,
                   tuple(q.shape), tuple(k.shape), causal)
-        v = v.to_bshd() if isinstance(v, fp8.KMajorV) else v
-        qf, kf, vf = (t.to(torch.float32) * d[:, None, :, None] for t, d in zip((q, k, v), descales))
+        qf, kf, vf = fp8.dequantized(q, k, v, descales, torch.float32)
         target = out if out.dtype == torch.float32 else out.float()
         flash_fwd(qf, kf, vf, softmax_scale=softmax_scale, causal=causal, out=target, lse=lse, accumulate=accumulate)
         if target is not out:
@@ -352,7 +352,7 @@ def _fp8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descales: tuple[
     q, k = tma_ready(q), tma_ready(k)
     vt = fp8.kmajor_v(v)
     key = tuning_key("flash_fwd_fp8", source_hash(__file__) + source_hash(gluon_fwd.__file__), q, k, causal=causal,
-                     out_dtype=str(out.dtype).removeprefix("torch."), accumulate=accumulate)
+                     out_dtype=str(out.dtype).removeprefix("torch."), accumulate=accumulate, path="gluon")
 
     def launch(cfg: Config, target: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         gcfg = gluon_fwd.GluonConfig(cfg["BLOCK_N"], cfg["STAGES"], cfg["PINGPONG"], cfg["P_SMEM"])

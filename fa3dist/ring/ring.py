@@ -168,7 +168,7 @@ def quantize_for_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: R
     """
     dim = q.shape[-1]
     share = None if ring.world_size == 1 else functools.partial(ring_amax, ring)
-    return fp8.quantize_qkv(q, k, v, granularity="head", incoherent=dim > 0 and dim & (dim - 1) == 0, seed=0,
+    return fp8.quantize_qkv(q, k, v, granularity="head", incoherent=fp8.is_power_of_two(dim), seed=0,
                             share_amax=share)
 
 

@@ -136,3 +136,36 @@ def test_outlier_rmse_with_incoherent_processing_meets_the_paper():
         errors[incoherent] = _rmse(out, truth)
     assert errors[True] <= 9.1e-3
     assert errors[True] < errors[False]
+
+
+def test_descales_follow_their_batch_and_head():
+    """Per-head descales that differ by orders of magnitude (q head h and batch b scaled by 4^h 10^b, k and
+    v by other factors): a descale read for the wrong (batch, head) would move the output far past the bound."""
+    q, k, v = _inputs(3, 300, 300, 4, 2, 128, seed=31)
+    batch_scale = torch.tensor([1.0, 10.0, 100.0], device="cuda")[:, None, None, None]
+    q = (q.float() * batch_scale * 4.0 ** torch.arange(4, device="cuda")[None, None, :, None] / 64).bfloat16()
+    k = (k.float() / batch_scale * 3.0 ** torch.arange(2, device="cuda")[None, None, :, None]).bfloat16()
+    v = (v.float() * batch_scale * 7.0 ** torch.arange(2, device="cuda")[None, None, :, None]).bfloat16()
+    x = fp8.quantize_qkv(q, k, v, granularity="head")
+    cfg = gluon_fwd.GLUON_FP8_CONFIGS[128][0]
+    for causal in (False, True):
+        out, lse = _run(x, 0.1, causal, cfg)
+        _check(x, 0.1, causal, cfg, out, lse)
+
+
+@pytest.mark.parametrize("keys", [1, 20, 33, 144])
+def test_a_kmajor_view_that_ends_inside_a_group_reads_as_its_copy(keys):
+    """``KMajorV.keys(slice(0, n))`` keeps the rest of the last group of 32 in storage; the kernel must mask
+    them: the same bits as a launch on V's first n keys made K-major on their own (and seq_k < 32 works)."""
+    q, k, v = _inputs(1, 256, 200, 4, 2, 128, seed=keys)
+    x = fp8.quantize_qkv(q, k, v, granularity="head")
+    descales = fp8.check_fp8_inputs(x.q, x.k[:, :keys], x.v[:, :keys], x.q_descale, x.k_descale, x.v_descale)
+    cfg = gluon_fwd.GLUON_FP8_CONFIGS[128][0]
+    outs = []
+    for v_part in (fp8.kmajor_v(x.v).keys(slice(0, keys)), fp8.kmajor_v(x.v[:, :keys])):
+        out = torch.full(q.shape, float("nan"), device="cuda", dtype=torch.bfloat16)
+        lse = torch.full((1, 4, 256), float("nan"), device="cuda")
+        gluon_fwd.gluon_launch(x.q, x.k[:, :keys], v_part, 0.1, False, cfg, out, lse, False, descales=descales)
+        outs.append((out, lse))
+    assert torch.isfinite(outs[0][0]).all()
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
