@@ -177,16 +177,10 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(batch, heads, seq_q, device=q.device, dtype=torch.float32)
-    if q.numel() == 0:
-        return out, lse
-    if seq_k == 0:  # no key: every row is empty (TMA cannot describe an empty tensor)
-        if not accumulate:
-            out.zero_()
-            lse.fill_(float("-inf"))
+    if _no_work(q, k, out, lse, accumulate):
         return out, lse
     if cfg.get("path") == "gluon":
-        return gluon_fwd.gluon_launch(q, k, v, softmax_scale, causal, gluon_fwd.GluonConfig(
-            cfg["BLOCK_N"], cfg["STAGES"], cfg["PINGPONG"], cfg["P_SMEM"]), out, lse, accumulate)
+        return gluon_fwd.gluon_launch(q, k, v, softmax_scale, causal, _gluon_config(cfg), out, lse, accumulate)
     block_m, block_n, width = cfg["BLOCK_M"], cfg["BLOCK_N"], block_d(head_dim)
     num_m_blocks = triton.cdiv(seq_q, block_m)
     num_tiles = batch * heads * num_m_blocks
@@ -219,6 +213,30 @@ def candidate_configs(head_dim: int, dtype: torch.dtype) -> list[Config]:
     return [FWD_CONFIGS[0], *(cfg for cfg in FWD_CONFIGS[1:] if fits(cfg))]
 
 
+def _no_work(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, accumulate: bool) -> bool:
+    """Whether the call has nothing for a kernel: no query (nothing to do), or no key (every row empty:
+    out 0, lse -inf unless merging; TMA cannot describe an empty tensor)."""
+    if q.numel() == 0:
+        return True
+    if k.shape[1] == 0:
+        if not accumulate:
+            out.zero_()
+            lse.fill_(float("-inf"))
+        return True
+    return False
+
+
+def _gluon_candidates(configs: list[gluon_fwd.GluonConfig]) -> list[Config]:
+    """Gluon configs as the tuner's candidates (JSON-able dicts with ``path: "gluon"``)."""
+    return [{"path": "gluon", "BLOCK_N": c.block_n, "STAGES": c.stages, "PINGPONG": c.pingpong, "P_SMEM": c.p_smem}
+            for c in configs]
+
+
+def _gluon_config(cfg: Config) -> gluon_fwd.GluonConfig:
+    """The ``GluonConfig`` of a candidate from ``_gluon_candidates``."""
+    return gluon_fwd.GluonConfig(cfg["BLOCK_N"], cfg["STAGES"], cfg["PINGPONG"], cfg["P_SMEM"])
+
+
 def _gluon_configs(q: torch.Tensor, out: torch.Tensor | None, path: str) -> list[Config]:
     """The Gluon forward's candidates for this call, or none when it cannot take it (said once when forced)."""
     reason = gluon_fwd.gluon_supported(q, out)
@@ -226,8 +244,7 @@ def _gluon_configs(q: torch.Tensor, out: torch.Tensor | None, path: str) -> list
         if path == "gluon":
             warn_once(f"FA3DIST_KERNEL=gluon, but the Gluon forward cannot take this call ({reason}): using tl")
         return []
-    return [{"path": "gluon", "BLOCK_N": c.block_n, "STAGES": c.stages, "PINGPONG": c.pingpong, "P_SMEM": c.p_smem}
-            for c in gluon_fwd.GLUON_CONFIGS[q.shape[-1]]]
+    return _gluon_candidates(gluon_fwd.GLUON_CONFIGS[q.shape[-1]])
 
 
 def _choose_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
@@ -342,12 +359,7 @@ def _fp8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descales: tuple[
             out.copy_(target)
         return out, lse
     check_device(q, "flash_fwd")
-    if q.numel() == 0:
-        return out, lse
-    if k.shape[1] == 0:  # no key: every row is empty (TMA cannot describe an empty tensor)
-        if not accumulate:
-            out.zero_()
-            lse.fill_(float("-inf"))
+    if _no_work(q, k, out, lse, accumulate):
         return out, lse
     q, k = tma_ready(q), tma_ready(k)
     vt = fp8.kmajor_v(v)
@@ -355,11 +367,10 @@ def _fp8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descales: tuple[
                      out_dtype=str(out.dtype).removeprefix("torch."), accumulate=accumulate, path="gluon")
 
     def launch(cfg: Config, target: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        gcfg = gluon_fwd.GluonConfig(cfg["BLOCK_N"], cfg["STAGES"], cfg["PINGPONG"], cfg["P_SMEM"])
-        return gluon_fwd.gluon_launch(q, k, vt, softmax_scale, causal, gcfg, *target, accumulate, descales=descales)
+        return gluon_fwd.gluon_launch(q, k, vt, softmax_scale, causal, _gluon_config(cfg), *target, accumulate,
+                                      descales=descales)
 
-    candidates = [{"path": "gluon", "BLOCK_N": c.block_n, "STAGES": c.stages, "PINGPONG": c.pingpong,
-                   "P_SMEM": c.p_smem} for c in gluon_fwd.GLUON_FP8_CONFIGS[q.shape[-1]]]
+    candidates = _gluon_candidates(gluon_fwd.GLUON_FP8_CONFIGS[q.shape[-1]])
     # P's rounding depends on the key block: the candidates differ by a few e4m3 steps, not 2e-2
     cfg = pick_config(key, candidates, lambda c: launch(c, (out.clone(), lse.clone())), tolerance=5e-2)
     note_path("flash_fwd", "gluon", "FP8 q=%s k=%s causal=%s accumulate=%s config=%s", tuple(q.shape),
