@@ -8,10 +8,11 @@ The FA3 algorithm written out, with the parts plain ``tl`` hides made explicit:
     ``v_ready`` (the TMA transaction count completes them) and ``k_empty``/``v_empty`` (both
     consumers release a slot: K as soon as S = Q K^T is done, V after P V). It loads K of block n
     before V of block n - 1, the order the consumers need them in;
-  - two consumer warpgroups (4 warps each, 240 registers), each owning 64 of the tile's 128 query
-    rows and sharing every K/V stage. Registers move from the loader to the consumers through the
-    partitions' register budgets (``worker_num_regs``; the default partition gets what ``maxnreg``
-    leaves).
+  - ``CONSUMERS`` consumer warpgroups (4 warps each), each owning 64 of the tile's 64 * CONSUMERS
+    query rows and sharing every K/V stage: two of 240 registers (128-row tiles), or three of 160
+    (192-row tiles, FA3's choice at D = 64: K and V are read once per 192 query rows). Registers move
+    from the loader to the consumers through the partitions' register budgets (``worker_num_regs``;
+    the default partition gets what ``maxnreg`` leaves).
 - Async ``warpgroup_mma`` with intra-warpgroup overlap: a consumer issues S_j = Q K_j^T and then
   O += P_{j-1} V_{j-1} without waiting, waits only for S_j, and runs the softmax of block j while
   the tensor cores finish P_{j-1} V_{j-1}; the rescale of O follows that product's completion.
@@ -21,10 +22,13 @@ The FA3 algorithm written out, with the parts plain ``tl`` hides made explicit:
   shared buffer nobody reads just before that wait: ptxas keeps shared-memory stores ahead of a
   later wgmma wait, so the whole softmax stays inside the window (tools/sass_overlap.py), at two
   ``st.shared`` and one warpgroup barrier (Triton's, for the rewrite) per block.
-- Ping-pong (``PINGPONG``): two mbarriers hand the tensor cores from one consumer to the other, so
-  one warpgroup's GEMMs run while the other does its softmax.
+- Ping-pong (``PINGPONG``): one mbarrier per consumer hands the tensor cores round the consumers in
+  turn, so one warpgroup's GEMMs run while the others do their softmax.
 - A persistent grid: one CTA per SM walks the tiles; the loader fetches the next tile's Q while the
-  consumers finish the last one. Causal tiles go heaviest first (all heads' last query blocks first).
+  consumers finish the last one. Causal tiles go heaviest first (all heads' last query blocks first),
+  dealt out to the CTAs in a snake: every other full round in reverse CTA order, so that a CTA that
+  drew a round's heaviest tile draws the next round's lightest (plain round-robin left CTA 0 one
+  heaviest tile's worth of work above the average: 13% at S = 16K with 8 heads).
 - exp2 with log2(e) folded into the scale; masks only on the key blocks that need them (the
   diagonal band, or the last partial block).
 - Epilogue: O / l and the natural-log LSE, stored with plain pointer stores (any strides: the ring
@@ -60,17 +64,25 @@ from .gluon_common import bhds_descriptor, bhsd_descriptor, tile_2d, unsupported
 
 GLUON_HEAD_DIMS = (64, 128, 256)
 GLUON_DTYPES = (torch.float16, torch.bfloat16)
-BLOCK_M = 128  # query rows per tile: 64 per consumer warpgroup
-CONSUMER_ROWS = 64
-# Register budgets: the loader warp and the second consumer take these; the default partition (the
-# first consumer) gets what ``MAXNREG`` over 12 warps leaves (168 * 384 - (240 + 24) * 128 = 240 * 128).
-MAXNREG = 168
-CONSUMER_REGS = gl.constexpr(240)
+CONSUMER_ROWS = 64  # query rows per consumer warpgroup; a tile has 64 * CONSUMERS
+# Register budgets by consumer count: (maxnreg, each worker consumer's). The loader warp takes 24; the
+# default partition (the first consumer) gets what maxnreg over the warpgroups leaves:
+# 168 * 384 - (240 + 24) * 128 = 240 * 128, and 128 * 512 - (2 * 160 + 24) * 128 = 168 * 128.
+REGISTER_BUDGETS = {2: (168, 240), 3: (128, 160)}
 LOADER_REGS = gl.constexpr(24)
 P_LOG2_OFFSET = gl.constexpr(8.0)  # FP8: P = 2^8 exp(S - m), fp8.P_SCALE
 
 
 # ---------------------------------------------------------------- tile schedule (shared by all partitions)
+
+@gluon.jit
+def _dealt_tile(i, num_tiles):
+    """The tile this CTA takes at its i-th step (i = program_id + k * num_programs): a snake over full rounds."""
+    programs = gl.num_programs(0)
+    first = i - i % programs
+    reverse = ((i // programs) % 2 == 1) & (first + programs <= num_tiles)
+    return gl.where(reverse, first + programs - 1 - i % programs, i)
+
 
 @gluon.jit
 def _tile_coords(tile, num_m_blocks, batch_heads, heads, group, CAUSAL: gl.constexpr):
@@ -120,18 +132,23 @@ def _load_block(desc, smem, ready, empty, batch, kv_head, n, it, BLOCK_N: gl.con
 @gluon.jit
 def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_k, heads, group, num_m_blocks, num_tiles,
             CAUSAL: gl.constexpr, FP8: gl.constexpr):
-    """The TMA producer: each tile's Q, then its K and V blocks through the stage ring."""
-    BLOCK_M: gl.constexpr = q_smem.shape[2]
+    """The TMA producer: each tile's Q (a box per consumer), then its K and V blocks through the stage ring."""
+    CONSUMERS: gl.constexpr = q_smem.shape[0]
+    ROWS: gl.constexpr = q_smem.shape[3]
+    BLOCK_M: gl.constexpr = CONSUMERS * ROWS
     BLOCK_N: gl.constexpr = k_smem.shape[3]
     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn = bars
     batch_heads = num_tiles // num_m_blocks
     it = 0
     t = 0
-    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        batch, head, kv_head, m_block = _tile_coords(tile, num_m_blocks, batch_heads, heads, group, CAUSAL)
-        mbarrier.wait(q_empty, (t & 1) ^ 1)  # both consumers are done with the last tile's Q
-        mbarrier.expect(q_ready, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [batch, head, m_block * BLOCK_M, 0], q_ready, q_smem)
+    for i in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        batch, head, kv_head, m_block = _tile_coords(_dealt_tile(i, num_tiles), num_m_blocks, batch_heads, heads,
+                                                     group, CAUSAL)
+        mbarrier.wait(q_empty, (t & 1) ^ 1)  # every consumer is done with the last tile's Q
+        mbarrier.expect(q_ready, CONSUMERS * q_desc.block_type.nbytes)
+        for c in gl.static_range(CONSUMERS):
+            tma.async_copy_global_to_shared(q_desc, [batch, head, m_block * BLOCK_M + c * ROWS, 0], q_ready,
+                                            q_smem.index(c))
         _, end = _key_blocks(m_block, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
         for n in range(0, end):  # K of block n, then V of block n - 1: V is needed one step after K
             _load_block(k_desc, k_smem, k_ready, k_empty, batch, kv_head, n, it, BLOCK_N, False)
@@ -174,15 +191,19 @@ def _softmax_block(s, m_i, l_i, rows, n, seq_k, qk_scale, s_layout: gl.constexpr
 
 @gluon.jit
 def _take_turn(turn, me: gl.constexpr, turns, PINGPONG: gl.constexpr):
-    """Ping-pong: wait until it is this warpgroup's turn on the tensor cores."""
+    """Ping-pong: wait until it is this warpgroup's turn on the tensor cores (consumer 0 goes first)."""
     if PINGPONG:
-        mbarrier.wait(turn.index(me), (turns & 1) ^ (1 - me))
+        if me == 0:
+            mbarrier.wait(turn.index(me), (turns & 1) ^ 1)
+        else:
+            mbarrier.wait(turn.index(me), turns & 1)
 
 
 @gluon.jit
 def _pass_turn(turn, me: gl.constexpr, PINGPONG: gl.constexpr):
+    """Ping-pong: hand the tensor cores to the next consumer, round the ``turn.shape[0]`` of them."""
     if PINGPONG:
-        mbarrier.arrive(turn.index(1 - me), count=1)
+        mbarrier.arrive(turn.index((me + 1) % turn.shape[0]), count=1)
 
 
 @gluon.jit
@@ -259,11 +280,11 @@ def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.const
     """Consumer warpgroup ``me``: the attention of its 64 rows of every tile, and their epilogue."""
     (q_smem, k_smem, v_smem, p_smem, l_smem, bars, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale, seq_q, seq_k,
      heads, group, num_m_blocks, num_tiles, descales) = args
-    BLOCK_M: gl.constexpr = q_smem.shape[2]
-    HEAD_DIM: gl.constexpr = q_smem.shape[3]
+    ROWS: gl.constexpr = q_smem.shape[3]
+    BLOCK_M: gl.constexpr = q_smem.shape[0] * ROWS
+    HEAD_DIM: gl.constexpr = q_smem.shape[4]
     BLOCK_N: gl.constexpr = k_smem.shape[3]
     STAGES: gl.constexpr = k_smem.shape[0]
-    ROWS: gl.constexpr = BLOCK_M // 2
     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn = bars
     INSTR_K: gl.constexpr = 256 // q_smem.dtype.primitive_bitwidth
     s_layout: gl.constexpr = wgmma_layout(BLOCK_N, INSTR_K)
@@ -271,8 +292,8 @@ def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.const
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=INSTR_K // 8)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     batch_heads = num_tiles // num_m_blocks
-    q = tile_2d(q_smem).slice(me * ROWS, ROWS)
-    l_sink = l_smem.slice(me * ROWS, ROWS)
+    q = tile_2d(q_smem.index(me))
+    l_sink = l_smem.index(me)
     if P_SMEM:
         p_buf = p_smem.index(me)
     else:
@@ -280,8 +301,9 @@ def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.const
     it = 0
     turns = 0
     t = 0
-    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        batch, head, kv_head, m_block = _tile_coords(tile, num_m_blocks, batch_heads, heads, group, CAUSAL)
+    for i in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        batch, head, kv_head, m_block = _tile_coords(_dealt_tile(i, num_tiles), num_m_blocks, batch_heads, heads,
+                                                     group, CAUSAL)
         tile_scale, o_scale = _tile_scales(qk_scale, descales, batch, head, kv_head, FP8)
         first_masked, end = _key_blocks(m_block, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
         rows = m_block * BLOCK_M + me * ROWS + gl.arange(0, ROWS, layout=row_layout)
@@ -383,64 +405,87 @@ def _epilogue(acc, m_i, l_i, o_scale, rows, batch, head, o_ptr, lse_ptr, s_ob, s
 @gluon.jit
 def _gluon_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale, seq_q, seq_k, heads,
                 group, num_m_blocks, num_tiles, q_d, k_d, v_d, s_qdb, s_qdh, s_kdb, s_kdh, s_vdb, s_vdh,
-                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                HEAD_DIM: gl.constexpr, CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                 CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr, PINGPONG: gl.constexpr, P_SMEM: gl.constexpr,
-                FP8: gl.constexpr):
+                FP8: gl.constexpr, CONSUMER_REGS: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+    ROWS: gl.constexpr = q_desc.block_type.shape[2]
+    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     if P_SMEM:  # one P buffer per consumer warpgroup
-        p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, BLOCK_N],
-                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, BLOCK_N], dtype))
+        p_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, ROWS, BLOCK_N],
+                                           gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_N], dtype))
     else:
         p_smem = q_smem  # unused
-    l_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [0]))  # never read
+    l_smem = gl.allocate_shared_memory(gl.float32, [CONSUMERS, ROWS], gl.SwizzledSharedLayout(1, 1, 1, [0]))  # never read
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_ready, count=1)
-    mbarrier.init(q_empty, count=2)
+    mbarrier.init(q_empty, count=CONSUMERS)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)
-        mbarrier.init(v_empty.index(i), count=2)
-    for i in gl.static_range(2):
+        mbarrier.init(k_empty.index(i), count=CONSUMERS)
+        mbarrier.init(v_empty.index(i), count=CONSUMERS)
+    for i in gl.static_range(CONSUMERS):
         mbarrier.init(turn.index(i), count=1)
     bars = (q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn)
     descales = (q_d, k_d, v_d, s_qdb, s_qdh, s_kdb, s_kdh, s_vdb, s_vdh)
     consumer_args = (q_smem, k_smem, v_smem, p_smem, l_smem, bars, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale,
                      seq_q, seq_k, heads, group, num_m_blocks, num_tiles, descales)
-    gl.warp_specialize([
-        (_consumer, (consumer_args, 0, CAUSAL, ACCUMULATE, PINGPONG, P_SMEM, FP8)),
-        (_consumer, (consumer_args, 1, CAUSAL, ACCUMULATE, PINGPONG, P_SMEM, FP8)),
-        (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_k, heads, group, num_m_blocks, num_tiles,
-                   CAUSAL, FP8)),
-    ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+    loader_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_k, heads, group, num_m_blocks, num_tiles,
+                   CAUSAL, FP8)
+    # A partition list can only be written out (it holds functions), and constexprs travel one by one.
+    if CONSUMERS == 2:
+        gl.warp_specialize([(_consumer, (consumer_args, 0, CAUSAL, ACCUMULATE, PINGPONG, P_SMEM, FP8)),
+                            (_consumer, (consumer_args, 1, CAUSAL, ACCUMULATE, PINGPONG, P_SMEM, FP8)),
+                            (_loader, loader_args)], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+    else:
+        gl.warp_specialize([(_consumer, (consumer_args, 0, CAUSAL, ACCUMULATE, PINGPONG, P_SMEM, FP8)),
+                            (_consumer, (consumer_args, 1, CAUSAL, ACCUMULATE, PINGPONG, P_SMEM, FP8)),
+                            (_consumer, (consumer_args, 2, CAUSAL, ACCUMULATE, PINGPONG, P_SMEM, FP8)),
+                            (_loader, loader_args)], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
 
 
 # ---------------------------------------------------------------- host side
 
 @dataclass(frozen=True)
 class GluonConfig:
-    """A launch configuration of the Gluon forward: key block rows, pipeline depth, ping-pong, P in shared memory."""
+    """A launch configuration of the Gluon forward: key block rows, pipeline depth, ping-pong, P in shared
+    memory, and consumer warpgroups (64 query rows each)."""
 
     block_n: int
     stages: int
     pingpong: bool
     p_smem: bool = False
+    consumers: int = 2
+
+    @property
+    def block_m(self) -> int:
+        """Query rows per tile."""
+        return CONSUMER_ROWS * self.consumers
+
+    @property
+    def name(self) -> str:
+        """A short label: block_m x block_n / stages / pp or no-pp [/ ss]."""
+        return (f"{self.block_m}x{self.block_n}/{self.stages}/{'pp' if self.pingpong else 'no-pp'}"
+                f"{'/ss' if self.p_smem else ''}")
 
 
-# Candidates per head dim, the first the default. FA3's own sm90 tiles are 128 x 128 at D = 64 and
-# 128 (176 non-causal at 128) and 128 x 80 at D = 256; TMA boxes here must be powers of two.
+# Candidates per head dim, the first the default. FA3's own sm90 tiles are 192 x 128 at D = 64,
+# 128 x 128 at 128 (176 non-causal) and 128 x 80 at D = 256; TMA boxes here must be powers of two.
+# 192-row tiles take P through shared memory: at 160 registers P in registers spills inside the loop
+# (tools/cross_compile.py: 56-104 B of stack), through shared memory 8-16 B outside it.
 GLUON_CONFIGS: dict[int, list[GluonConfig]] = {
     64: [GluonConfig(128, 3, True), GluonConfig(128, 2, True, True), GluonConfig(128, 3, True, True),
-         GluonConfig(128, 4, True), GluonConfig(128, 3, False)],
+         GluonConfig(128, 4, True), GluonConfig(128, 3, False), GluonConfig(128, 2, True, True, 3),
+         GluonConfig(128, 3, True, True, 3)],
     128: [GluonConfig(128, 3, True), GluonConfig(128, 2, True, True), GluonConfig(64, 4, True, True),
           GluonConfig(128, 3, False), GluonConfig(64, 4, True)],
     256: [GluonConfig(64, 2, True), GluonConfig(64, 2, True, True), GluonConfig(32, 3, True, True),
@@ -452,7 +497,8 @@ GLUON_CONFIGS: dict[int, list[GluonConfig]] = {
 # byte per register and repacked, tools/cross_compile.py SASS). FA3's own FP8 tiles are 192 x 160 at
 # D = 64, 128 x 224 (128 causal) at 128 and 128 x 128 at 256; 256-wide key blocks spill here.
 GLUON_FP8_CONFIGS: dict[int, list[GluonConfig]] = {
-    64: [GluonConfig(128, 2, True, True), GluonConfig(128, 3, True, True), GluonConfig(128, 4, True, True)],
+    64: [GluonConfig(128, 2, True, True), GluonConfig(128, 3, True, True), GluonConfig(128, 4, True, True),
+         GluonConfig(128, 2, True, True, 3)],
     128: [GluonConfig(128, 3, True, True), GluonConfig(128, 2, True, True), GluonConfig(128, 3, False, True)],
     256: [GluonConfig(128, 2, True, True), GluonConfig(64, 3, True, True), GluonConfig(64, 4, True, True)],
 }
@@ -477,7 +523,7 @@ def gluon_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
     """
     batch, seq_q, heads, head_dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
-    num_m_blocks = triton.cdiv(seq_q, BLOCK_M)
+    num_m_blocks = triton.cdiv(seq_q, cfg.block_m)
     num_tiles = batch * heads * num_m_blocks
     if num_tiles == 0:
         return out, lse
@@ -491,10 +537,12 @@ def gluon_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
         v_desc = bhsd_descriptor(v, cfg.block_n, head_dim)
         descale_args = [lse, lse, lse, 0, 0, 0, 0, 0, 0]  # not read
     programs = min(num_tiles, num_programs or num_sms(q.device))
+    maxnreg, consumer_regs = REGISTER_BUDGETS[cfg.consumers]
     _gluon_fwd_kernel[(programs,)](
-        bhsd_descriptor(q, BLOCK_M, head_dim), bhsd_descriptor(k, cfg.block_n, head_dim), v_desc, out, lse,
+        bhsd_descriptor(q, CONSUMER_ROWS, head_dim), bhsd_descriptor(k, cfg.block_n, head_dim), v_desc, out, lse,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), softmax_scale * LOG2E,
         seq_q, seq_k, heads, heads // kv_heads, num_m_blocks, num_tiles, *descale_args,
-        HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal,
-        ACCUMULATE=accumulate, PINGPONG=cfg.pingpong, P_SMEM=cfg.p_smem, FP8=fp8, num_warps=4, maxnreg=MAXNREG)
+        HEAD_DIM=head_dim, CONSUMERS=cfg.consumers, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal,
+        ACCUMULATE=accumulate, PINGPONG=cfg.pingpong, P_SMEM=cfg.p_smem, FP8=fp8, CONSUMER_REGS=consumer_regs,
+        num_warps=4, maxnreg=maxnreg)
     return out, lse

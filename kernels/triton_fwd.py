@@ -228,13 +228,14 @@ def _no_work(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, lse: torch.Ten
 
 def _gluon_candidates(configs: list[gluon_fwd.GluonConfig]) -> list[Config]:
     """Gluon configs as the tuner's candidates (JSON-able dicts with ``path: "gluon"``)."""
-    return [{"path": "gluon", "BLOCK_N": c.block_n, "STAGES": c.stages, "PINGPONG": c.pingpong, "P_SMEM": c.p_smem}
+    return [{"path": "gluon", "BLOCK_N": c.block_n, "STAGES": c.stages, "PINGPONG": c.pingpong, "P_SMEM": c.p_smem,
+             "CONSUMERS": c.consumers}
             for c in configs]
 
 
 def _gluon_config(cfg: Config) -> gluon_fwd.GluonConfig:
     """The ``GluonConfig`` of a candidate from ``_gluon_candidates``."""
-    return gluon_fwd.GluonConfig(cfg["BLOCK_N"], cfg["STAGES"], cfg["PINGPONG"], cfg["P_SMEM"])
+    return gluon_fwd.GluonConfig(cfg["BLOCK_N"], cfg["STAGES"], cfg["PINGPONG"], cfg["P_SMEM"], cfg["CONSUMERS"])
 
 
 def _gluon_configs(q: torch.Tensor, out: torch.Tensor | None, path: str) -> list[Config]:

@@ -81,7 +81,9 @@ def _compile_hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled)
         record.update(ptx_hash=_ptx_hash(kernel.asm["ptx"]), shared=kernel.metadata.shared,
                       **_resources(kernel.asm["cubin"]))
     except Exception as err:  # recorded: the point is to list what does not compile
-        record["error"] = f"{type(err).__name__}: {str(err)[:500]}"
+        while err.__cause__ or err.__context__:  # Triton wraps the cause in a source excerpt per call level
+            err = err.__cause__ or err.__context__
+        record["error"] = f"{type(err).__name__}: {str(err)[-500:]}"  # the reason follows the source excerpt
     RECORDS.append(record)
     return True  # compiled here: the JIT skips its own compile and the launch
 
@@ -161,7 +163,7 @@ def main() -> int:
           f"{SMEM_BYTES} B of shared memory a block may use; max registers {max(r['regs'] for r in ok)}, "
           f"{sum(r['stack'] > 0 for r in ok)} with stack (spills), max shared {max(r['shared'] for r in ok)} B")
     for rec in failed + too_big:
-        print(f"{rec['kernel']} {rec['constexprs']}: {rec.get('error', 'shared %d B' % rec['shared'])}")
+        print(f"{rec['kernel']} {rec['constexprs']}: {rec['error'] if 'error' in rec else 'shared %d B' % rec['shared']}")
     if args.compare:
         changed, missing = compare(json.loads(Path(args.compare).read_text()), RECORDS)
         print(f"{len(changed)} kernels of {args.compare} changed:", *changed, sep="\n  ")

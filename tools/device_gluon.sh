@@ -5,7 +5,7 @@
 #   tests       the Gluon GPU tests (tests/gpu/test_gluon_{fwd,bwd}_gpu.py)
 #   sweep-fwd   tools/gluon_sweep.py --pass fwd $SWEEP_ARGS
 #   sweep-bwd   tools/gluon_sweep.py --pass bwd $SWEEP_ARGS
-#   sweep-fp8   tools/gluon_sweep.py --pass fp8 --fp8-ceiling $SWEEP_ARGS
+#   sweep-fp8   tools/gluon_sweep.py --pass fp8 $SWEEP_ARGS --fp8-ceiling $FP8_SWEEP_ARGS (its flags win)
 # With fa3's wheels installed (tools/device_session.sh fa3) the sweeps time fa3 too.
 # Logs and sweep JSON go to $OUT (bundle.tgz); the sweep tables are printed last.
 set -u
@@ -28,7 +28,8 @@ for step in "$@"; do
              ${TEST_FILES:-tests/gpu/test_gluon_bwd_gpu.py tests/gpu/test_gluon_fwd_gpu.py} ;;
     sweep-fwd|sweep-bwd|sweep-fp8) pass=${step#sweep-}
              TAIL=0 run "$step" "${SWEEP_TIMEOUT:-240}" python3 tools/gluon_sweep.py --pass "$pass" \
-               --out "$OUT/logs/gluon_sweep_$pass.json" $([ "$pass" = fp8 ] && echo --fp8-ceiling) ${SWEEP_ARGS:-} ;;
+               --out "$OUT/logs/gluon_sweep_$pass.json" ${SWEEP_ARGS:-} \
+               $([ "$pass" = fp8 ] && echo --fp8-ceiling ${FP8_SWEEP_ARGS:-}) ;;
     *) echo "unknown step $step" ;;
   esac
 done

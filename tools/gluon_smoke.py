@@ -1,4 +1,5 @@
-"""One small launch of every Gluon kernel (forward bf16 and FP8, backward; default config) against float64
+"""One small launch of every Gluon kernel (forward bf16 and FP8: the default config and the first of each other
+consumer count; backward: the default config) against float64
 (FP8: against its float64 emulation, ``fp8.fp8_reference_fwd``).
 
 The first thing a device call runs, under ``timeout``: a barrier protocol that deadlocks shows as a
@@ -20,6 +21,14 @@ from fa3dist.kernels.triton_bwd import flash_bwd_config
 LIMIT = 2e-2  # relative error above which the smoke fails (bf16 kernels land near 3e-3)
 
 
+def _smoke_configs(configs: list[gluon_fwd.GluonConfig]) -> list[gluon_fwd.GluonConfig]:
+    """The default config, then the first config of every other consumer count."""
+    picked = {}
+    for cfg in configs:
+        picked.setdefault(cfg.consumers, cfg)
+    return list(picked.values())
+
+
 def main() -> int:
     worst = 0.0
     for dim in sorted(set(gluon_fwd.GLUON_HEAD_DIMS) | set(gluon_bwd.GLUON_BWD_HEAD_DIMS)):
@@ -31,21 +40,22 @@ def main() -> int:
             if dim in gluon_fwd.GLUON_HEAD_DIMS:
                 out = torch.full_like(q, float("nan"))
                 lse = torch.empty(1, 4, 700, device="cuda")
-                gluon_fwd.gluon_launch(q, k, v, scale, causal, gluon_fwd.GLUON_CONFIGS[dim][0], out, lse, False)
-                torch.cuda.synchronize()
-                errs = relative_error(out, ref_out), relative_error(lse, ref_lse)
-                worst = max(worst, *errs)
-                line += f" fwd out {errs[0]:.3g} lse {errs[1]:.3g};"
+                for cfg in _smoke_configs(gluon_fwd.GLUON_CONFIGS[dim]):
+                    gluon_fwd.gluon_launch(q, k, v, scale, causal, cfg, out, lse, False)
+                    torch.cuda.synchronize()
+                    errs = relative_error(out, ref_out), relative_error(lse, ref_lse)
+                    worst = max(worst, *errs)
+                    line += f" fwd {cfg.name} out {errs[0]:.3g} lse {errs[1]:.3g};"
                 x = fp8.quantize_qkv(q, k, v, granularity="head")
                 descales = fp8.check_fp8_inputs(x.q, x.k, x.v, x.q_descale, x.k_descale, x.v_descale)
-                cfg8 = gluon_fwd.GLUON_FP8_CONFIGS[dim][0]
-                gluon_fwd.gluon_launch(x.q, x.k, fp8.kmajor_v(x.v), scale, causal, cfg8, out, lse,
-                                       False, descales=descales)
-                emu_out, emu_lse = fp8.fp8_reference_fwd(x.q, x.k, x.v, x.q_descale, x.k_descale, x.v_descale,
-                                                         softmax_scale=scale, causal=causal, block_n=cfg8.block_n)
-                errs = relative_error(out, emu_out), relative_error(lse, emu_lse)
-                worst = max(worst, *errs)
-                line += f" fp8 fwd out {errs[0]:.3g} lse {errs[1]:.3g};"
+                for cfg8 in _smoke_configs(gluon_fwd.GLUON_FP8_CONFIGS[dim]):
+                    gluon_fwd.gluon_launch(x.q, x.k, fp8.kmajor_v(x.v), scale, causal, cfg8, out, lse,
+                                           False, descales=descales)
+                    emu_out, emu_lse = fp8.fp8_reference_fwd(x.q, x.k, x.v, x.q_descale, x.k_descale, x.v_descale,
+                                                             softmax_scale=scale, causal=causal, block_n=cfg8.block_n)
+                    errs = relative_error(out, emu_out), relative_error(lse, emu_lse)
+                    worst = max(worst, *errs)
+                    line += f" fp8 fwd {cfg8.name} out {errs[0]:.3g} lse {errs[1]:.3g};"
             if dim in gluon_bwd.GLUON_BWD_HEAD_DIMS:
                 out, lse = ref_out.to(q.dtype), ref_lse.float()
                 ref = reference_bwd(do.double(), q.double(), k.double(), v.double(), out.double(), lse.double(),

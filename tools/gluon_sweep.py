@@ -40,17 +40,18 @@ def _time(fn, args) -> float:
     return time_ms(fn, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
 
 
-def _fwd_impls(q, k, v, scale, causal, fa3) -> dict[str, Impl]:
+def _fwd_impls(q, k, v, scale, causal, fa3, tl: bool) -> dict[str, Impl]:
     impls: dict[str, Impl] = {"cudnn": lambda: cudnn_fwd(q, k, v, softmax_scale=scale, causal=causal)[:1]}
-    os.environ["FA3DIST_KERNEL"] = "tl"
-    triton_fwd.flash_fwd(q, k, v, softmax_scale=scale, causal=causal)  # tune the tl path
-    impls["tl"] = lambda: triton_fwd.flash_fwd(q, k, v, softmax_scale=scale, causal=causal)[:1]
+    if tl:
+        os.environ["FA3DIST_KERNEL"] = "tl"
+        triton_fwd.flash_fwd(q, k, v, softmax_scale=scale, causal=causal)  # tune the tl path
+        impls["tl"] = lambda: triton_fwd.flash_fwd(q, k, v, softmax_scale=scale, causal=causal)[:1]
     if fa3 is not None:
         impls["fa3"] = lambda: fa3.fa3_fwd(q, k, v, softmax_scale=scale, causal=causal)[:1]
     for cfg in gluon_fwd.GLUON_CONFIGS.get(q.shape[-1], []):
         out = torch.full_like(q, float("nan"))
         lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device="cuda")
-        name = f"gluon {cfg.block_n}/{cfg.stages}/{'pp' if cfg.pingpong else 'no-pp'}{'/ss' if cfg.p_smem else ''}"
+        name = f"gluon {cfg.name}"
         impls[name] = lambda cfg=cfg, out=out, lse=lse: gluon_fwd.gluon_launch(q, k, v, scale, causal, cfg, out, lse,
                                                                               False)[:1]
     return impls
@@ -69,7 +70,7 @@ def _fp8_impls(q, k, v, scale, causal, fa3) -> dict[str, Impl]:
     vt = fp8.kmajor_v(x.v)
     for cfg in gluon_fwd.GLUON_FP8_CONFIGS.get(q.shape[-1], []):
         out8 = torch.full_like(q, float("nan"))
-        name = f"fp8 {cfg.block_n}/{cfg.stages}/{'pp' if cfg.pingpong else 'no-pp'}{'/ss' if cfg.p_smem else ''}"
+        name = f"fp8 {cfg.name}"
         impls[name] = lambda cfg=cfg, out8=out8: gluon_fwd.gluon_launch(
             x.q, x.k, vt, scale, causal, cfg, out8, lse, False, descales=descales)[:1]
     return impls
@@ -109,7 +110,7 @@ def sweep(args) -> list[dict]:
         base = {"B": batch, "S": seq, "H": heads, "Hkv": kv_heads, "D": dim, "causal": causal, "pass": args.pass_}
         out, lse = cudnn_fwd(q, k, v, softmax_scale=scale, causal=causal)
         if args.pass_ == "fwd":
-            impls = _fwd_impls(q, k, v, scale, causal, fa3)
+            impls = _fwd_impls(q, k, v, scale, causal, fa3, not args.no_tl)
         elif args.pass_ == "fp8":
             impls = _fp8_impls(q, k, v, scale, causal, fa3)
         else:
@@ -151,6 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--pass", dest="pass_", choices=("fwd", "bwd", "fp8"), default="fwd")
+    parser.add_argument("--no-tl", action="store_true", help="forward: leave out our tl kernel (its tuning compiles many)")
     parser.add_argument("--fp8-ceiling", action="store_true", help="also time torch._scaled_mm at 8192^3 (meta)")
     parser.add_argument("--head-dims", type=int, nargs="*")
     parser.add_argument("--seq-lens", type=int, nargs="*")

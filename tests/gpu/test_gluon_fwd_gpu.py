@@ -66,7 +66,7 @@ def test_every_config_matches_float64(head_dim, causal):
     q, k, v = _qkv(2, 1000, 1000, 8, 2, head_dim, torch.bfloat16, seed=head_dim + causal)
     scale = 1 / math.sqrt(head_dim)
     for cfg in gluon_fwd.GLUON_CONFIGS[head_dim]:
-        for programs in (None, 3):
+        for programs in (None, 5):  # 5 programs: many tiles each, and a last round the snake leaves in order
             out, lse = _run(q, k, v, scale, causal, cfg, num_programs=programs)
             _check(q, k, v, scale, causal, out, lse)
 
@@ -84,13 +84,18 @@ SEQ_GRID = [(1, 1), (1, 239), (239, 1), (3, 799), (799, 3), (113, 203), (128, 21
             (256, 512), (1024, 1024), (1023, 1024), (1024, 1023), (2048, 2048), (4224, 4224)]
 
 
+# The default 128-row tile at D = 128, and the first 192-row (three consumer) tile at D = 64.
+AWKWARD_CONFIGS = [(128, gluon_fwd.GLUON_CONFIGS[128][0]),
+                   (64, next(c for c in gluon_fwd.GLUON_CONFIGS[64] if c.consumers == 3))]
+
+
 @pytest.mark.parametrize("seq_q,seq_k", SEQ_GRID)
-@pytest.mark.parametrize("head_dim", [128])
-def test_awkward_lengths(seq_q, seq_k, head_dim):
+@pytest.mark.parametrize("head_dim,cfg", AWKWARD_CONFIGS, ids=[f"D{d}-{c.block_m}rows" for d, c in AWKWARD_CONFIGS])
+def test_awkward_lengths(seq_q, seq_k, head_dim, cfg):
     q, k, v = _qkv(2, seq_q, seq_k, 4, 4, head_dim, torch.bfloat16, seed=seq_q * 31 + seq_k)
     scale = 1 / math.sqrt(head_dim)
     for causal in ([False, True] if seq_q == seq_k else [False]):
-        out, lse = _run(q, k, v, scale, causal, gluon_fwd.GLUON_CONFIGS[head_dim][0])
+        out, lse = _run(q, k, v, scale, causal, cfg)
         _check(q, k, v, scale, causal, out, lse)
 
 
