@@ -143,6 +143,12 @@ def _report_failure(key: TuningKey, cfg: Config, err: Exception) -> None:
                            f"this process can no longer run kernels") from sync_err
 
 
+def remembered(key: TuningKey) -> Config | None:
+    """The choice this process already made for ``key``, if any: a call checks it before it builds its
+    candidates (the lookup costs well under a microsecond, the candidates several)."""
+    return _CHOICES.get(tuple(key.items()))
+
+
 def pick_config(key: TuningKey, configs: Sequence[Config], launch: Callable[[Config], Sequence[torch.Tensor]], *,
                 tolerance: float = 2e-2, timer: Timer | None = None, reference_only: bool = False) -> Config:
     """Return the fastest verified config for ``key``: from memory, else from the disk cache, else tune.

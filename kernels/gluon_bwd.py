@@ -370,11 +370,13 @@ def gluon_bwd_supported(q: torch.Tensor) -> str | None:
     return unsupported_reason(q, GLUON_BWD_DTYPES, GLUON_BWD_HEAD_DIMS)
 
 
+_ROW_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)  # made once: it costs µs
+
+
 def _row_descriptor(t: torch.Tensor, block_m: int) -> TensorDescriptor:
     """A descriptor over the (B * H, seq_pad) fp32 rows of lse2 or delta, block [1, block_m], unswizzled."""
     rows = t.view(-1, t.shape[-1])
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-    return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [1, block_m], layout)
+    return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [1, block_m], _ROW_LAYOUT)
 
 
 def gluon_bwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse2: torch.Tensor,

@@ -4,13 +4,15 @@ of a descriptor's tile in shared memory and the wgmma accumulator layout."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .tma import bhsd_view, tma_strides
+from .tma import bhsd_args, tma_strides
 
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32,
               torch.float8_e4m3fn: gl.float8e4nv}
@@ -32,7 +34,7 @@ def unsupported_reason(q: torch.Tensor, dtypes: tuple[torch.dtype, ...], head_di
 def bhsd_descriptor(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
     """A TMA descriptor over the (B, H, S, D) view of a (B, S, H, D) tensor, box [1, 1, rows, cols],
     in the default NVMMA (swizzled) shared layout."""
-    return _descriptor(*bhsd_view(t), [1, 1, rows, cols])
+    return _descriptor(*bhsd_args(t), [1, 1, rows, cols])
 
 
 def bhds_descriptor(t: torch.Tensor, cols: int) -> TensorDescriptor:
@@ -40,8 +42,14 @@ def bhds_descriptor(t: torch.Tensor, cols: int) -> TensorDescriptor:
     return _descriptor(t, list(t.shape), tma_strides(t), [1, 1, t.shape[2], cols])
 
 
-def _descriptor(view: torch.Tensor, shape: list[int], strides: list[int], block: list[int]) -> TensorDescriptor:
-    return TensorDescriptor(view, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[view.dtype]))
+def _descriptor(base: torch.Tensor, shape: list[int], strides: list[int], block: list[int]) -> TensorDescriptor:
+    return TensorDescriptor(base, shape, strides, block, _shared_layout(tuple(block), base.dtype))
+
+
+@functools.cache
+def _shared_layout(block: tuple[int, ...], dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    """The default NVMMA layout of a TMA box, made once per box and dtype (it costs microseconds per call)."""
+    return gl.NVMMASharedLayout.get_default_for(list(block), _GL_DTYPES[dtype])
 
 
 @triton.constexpr_function

@@ -32,22 +32,27 @@ def tma_ready(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def bhsd_view(t: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
-    """The (B, H, S, D) view of a (B, S, H, D) tensor with its shape and TMA-ready strides.
+def bhsd_args(t: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
+    """A (B, S, H, D) tensor as a descriptor over its (B, H, S, D) view takes it: the tensor itself (a
+    descriptor reads only its address and dtype), the (B, H, S, D) shape, and TMA-ready strides.
 
     TMA takes the strides in any order. A size-1 dim's stride never addresses memory, so it is
-    replaced by an aligned one whatever torch reports.
+    replaced by an aligned one whatever torch reports. No view is made: this runs on every kernel call.
     """
-    view = t.transpose(1, 2)
-    return view, list(view.shape), tma_strides(view)
+    batch, seq, heads, dim = t.shape
+    s_b, s_s, s_h, s_d = t.stride()
+    return t, [batch, heads, seq, dim], _aligned_strides([batch, heads, seq, dim], [s_b, s_h, s_s, s_d])
 
 
 def tma_strides(t: torch.Tensor) -> list[int]:
     """``t``'s strides, with those of size-1 dims (which never address memory) made aligned ones."""
-    strides = list(t.stride())
-    for dim in range(t.dim() - 2, -1, -1):
-        if t.shape[dim] == 1:
-            strides[dim] = strides[dim + 1] * t.shape[dim + 1]
+    return _aligned_strides(list(t.shape), list(t.stride()))
+
+
+def _aligned_strides(shape: list[int], strides: list[int]) -> list[int]:
+    for dim in range(len(shape) - 2, -1, -1):
+        if shape[dim] == 1:
+            strides[dim] = strides[dim + 1] * shape[dim + 1]
     return strides
 
 
@@ -58,4 +63,4 @@ def descriptor(t: torch.Tensor, block_rows: int, block_dim: int) -> TensorDescri
     memory for the tensor-core MMA instead of copying it to registers (as a [1, rows, 1, D] block
     would).
     """
-    return TensorDescriptor(*bhsd_view(t), [1, 1, block_rows, block_dim])
+    return TensorDescriptor(*bhsd_args(t), [1, 1, block_rows, block_dim])

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from . import gluon_bwd, tma
-from .autotune import Config, make_config, pick_config, source_hash, tuning_key
+from .autotune import Config, make_config, pick_config, remembered, source_hash, tuning_key
 from .checks import check_bwd_inputs, check_qkv, check_scale
 from .common import (INTERPRET, LOG2E, TL_LOG2E, check_device, dot_precision, kernel_path, note_path,
                      uses_small_config, warn_once)
@@ -516,10 +516,13 @@ def _choose_config(p: _Problem, buffers: Grads | None, accumulate: bool, determi
     if uses_small_config(p.q):
         return SMALL_DETERMINISTIC if deterministic else SMALL_CONFIG
     wanted = _wanted(buffers)
+    path = kernel_path()
     key = tuning_key("flash_bwd", source_hash(__file__) + source_hash(gluon_bwd.__file__), p.q, p.k,
                      causal=p.causal, grad_dtype=None if buffers is None else "float32", grads=wanted,
-                     accumulate=accumulate, deterministic=deterministic)
-    path = kernel_path()
+                     accumulate=accumulate, deterministic=deterministic, path=path)
+    chosen = remembered(key)
+    if chosen is not None:
+        return chosen
     candidates = candidate_configs(p.q.shape[3], p.q.dtype)
     gluon = [] if path == "tl" else _gluon_configs(p, buffers, path)
     if wanted != "all" or deterministic:  # dQ alone, dK/dV alone, or no atomics: the separate dQ way
@@ -531,8 +534,8 @@ def _choose_config(p: _Problem, buffers: Grads | None, accumulate: bool, determi
         return [g for g in _launch(p, cfg, copies, accumulate) if g is not None]
 
     if path == "gluon" and gluon:  # forced: the safe tl config checks the Gluon ones and is not chosen
-        return pick_config({**key, "path": path}, [candidates[0], *gluon], trial, reference_only=True)
-    return pick_config({**key, "path": path}, candidates + gluon, trial)
+        return pick_config(key, [candidates[0], *gluon], trial, reference_only=True)
+    return pick_config(key, candidates + gluon, trial)
 
 
 def flash_bwd_config(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
