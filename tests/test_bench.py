@@ -82,11 +82,12 @@ def test_ring_bench_rejects_an_unknown_pass():
 
 
 def test_a_ring_bench_stopped_part_way_keeps_what_it_measured(tmp_path, monkeypatch):
-    """The result files are rewritten after every measurement: a run that dies (here: its fourth
-    timing raises) leaves the three rows it measured, marked partial."""
+    """The result files are rewritten after every measurement: a run that dies (here: its sixth
+    timing raises; a virtual-rank row takes two, the replayed ranks' and the threads') leaves the
+    three rows it measured, marked partial."""
     import fa3dist.bench.ring as ring_bench
 
-    timings = iter([1.0, 2.0, 3.0])
+    timings = iter([1.0, 2.0, 2.5, 3.0, 3.5])
     monkeypatch.setattr(ring_bench, "time_ms_events", lambda fn: next(timings))
     cfg = load_config(RingBenchConfig, None, ["device=cpu", "backend=reference", "dtype=float32", "seq_len=96",
                                               "heads=4", "kv_heads=2", "head_dim=16", "world_sizes=[2, 3]"])
@@ -96,4 +97,5 @@ def test_a_ring_bench_stopped_part_way_keeps_what_it_measured(tmp_path, monkeypa
     data = json.loads(path.read_text())
     assert data["meta"]["partial"] == "3 of 6 runs"
     assert [r["ms"] for r in data["rows"]] == [1.0, 2.0, 3.0]
+    assert [r["threads_ms"] for r in data["rows"]] == [1.0, 2.5, 3.5]
     assert "Partial run: 3 of 6 runs measured." in path.with_suffix(".md").read_text()

@@ -13,7 +13,7 @@ from fa3dist.api import attention
 from fa3dist.kernels import get_backend
 from fa3dist.kernels.numerics import relative_error
 from fa3dist.kernels.reference import reference_bwd, reference_fwd
-from fa3dist.ring import LoopbackRing, ring_backward, ring_forward, run_thread_ring
+from fa3dist.ring import LoopbackRing, RecordingRing, ReplayRing, ring_backward, ring_forward, run_thread_ring
 
 
 def _reference(accumulating: bool):
@@ -115,3 +115,28 @@ def test_backward_makes_one_kernel_call_per_step_and_waits_for_dkv_only_after_it
              ["send kv", call, "wait dkv", "send dkv", "wait kv"],
              [call, "wait dkv", "send dkv"]]
     assert log == [event for step in steps for event in step] + ["wait dkv"]
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_a_replayed_rank_gives_the_results_of_its_recorded_run(world_size):
+    """RecordingRing/ReplayRing (how bench ring times its virtual ranks): each rank rerun on its own from
+    what it received gives the forward's bits again; asking for a message it never received raises."""
+    gen = torch.Generator().manual_seed(world_size)
+    q, k, v = (torch.randn(1, 6 * world_size, 2, 8, dtype=torch.float64, generator=gen) for _ in range(3))
+    shards = [[shard_sequence(t, world_size=world_size, rank=r, layout="zigzag").contiguous() for t in (q, k, v)]
+              for r in range(world_size)]
+    opts = dict(backend=get_backend("reference"), softmax_scale=0.3, causal=True, layout="zigzag")
+    recordings = {}
+
+    def recorded(ring):
+        recordings[ring.rank] = RecordingRing(ring)
+        return ring_forward(*shards[ring.rank], recordings[ring.rank], **opts)
+
+    threaded = run_thread_ring(recorded, world_size)
+    for r in range(world_size):
+        assert [len(m) for m in recordings[r].received[0]] == [2] * (world_size - 1)  # K and V of every other rank
+        replay = ReplayRing(r, world_size, recordings[r].received)
+        out, lse = ring_forward(*shards[r], replay, **opts)
+        assert torch.equal(out, threaded[r][0]) and torch.equal(lse, threaded[r][1])
+        with pytest.raises(RuntimeError, match="more messages"):
+            replay.send_recv([q])

@@ -1,12 +1,20 @@
 """``fa3dist bench ring``: the ring scheduler's overhead on one GPU.
 
-For W virtual ranks (threads of this process, see ``fa3dist.ring.ThreadRing``) it runs the ring's
-exact per-step schedule — the same kernel calls on the same zigzag blocks, the same merges and
-backward accumulations in the same order — with K/V handed over in memory instead of over NCCL,
-against one kernel call over the whole sequence. The GPU runs all virtual ranks' work one after
-another, so the ratio of the two times is the cost of the decomposition itself. Pass "fp8" is the
-FP8 forward (``ring_fa3_attention(fp8=True)``: each rank quantizes its shard, K/V travel in e4m3),
-timed with its quantization, against the single-device FP8 forward.
+For W virtual ranks it runs the ring's exact per-step schedule — the same kernel calls on the same
+zigzag blocks, the same merges and backward accumulations in the same order — with K/V handed over
+in memory instead of over NCCL, against one kernel call over the whole sequence. The GPU runs all
+virtual ranks' work one after another, so the ratio of the two times is the cost of the
+decomposition itself. Pass "fp8" is the FP8 forward (``ring_fa3_attention(fp8=True)``: each rank
+quantizes its shard, K/V travel in e4m3), timed with its quantization, against the single-device
+FP8 forward.
+
+The ranks first run as threads of this process (``fa3dist.ring.ThreadRing``), which checks the
+result against the one call and records what every rank received (``RecordingRing``). The timed
+runs replay the ranks one after another from one thread (``ReplayRing``): W Python threads issuing
+kernels at once spend their time handing the interpreter lock round (at W = 8 and 4K-token ranks
+the threads took 2.3x the host time per step of the same calls from one thread), which a real ring,
+one process per GPU, never pays; one rank's own host cost per step stays in. Each row also has the
+threads' time (``threads_ms``).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from fa3dist.kernels import BACKEND_NAMES, get_backend
 from fa3dist.kernels.checks import resolve_scale
 from fa3dist.kernels.numerics import relative_error
 from fa3dist.layout import shard_sequence
-from fa3dist.ring import LoopbackRing, ring_backward, ring_forward, run_thread_ring
+from fa3dist.ring import LoopbackRing, RecordingRing, ReplayRing, ring_backward, ring_forward, run_thread_ring
 from fa3dist.ring.ring import ring_forward_fp8
 from fa3dist.ring.schedule import LAYOUTS
 
@@ -105,10 +113,19 @@ def run_ring_bench(cfg: RingBenchConfig, checkpoint: Checkpoint | None = None
                 _schedule(*shards[r], LoopbackRing(r, world_size), backends=backends, scale=scale, cfg=cfg,
                           pass_=pass_)
 
-            def run() -> list[list[torch.Tensor]]:
-                return run_thread_ring(lambda ring: _schedule(*shards[ring.rank], ring, backends=backends, scale=scale,
-                                                              cfg=cfg, pass_=pass_), world_size)
-        results = run()
+            recordings: list[RecordingRing | None] = [None] * world_size
+
+            def threads() -> list[list[torch.Tensor]]:
+                def rank_run(ring) -> list[torch.Tensor]:
+                    recordings[ring.rank] = RecordingRing(ring)
+                    return _schedule(*shards[ring.rank], recordings[ring.rank], backends=backends, scale=scale,
+                                     cfg=cfg, pass_=pass_)
+                return run_thread_ring(rank_run, world_size)
+
+            def run() -> list[list[torch.Tensor]]:  # the ranks replayed one after another
+                return [_schedule(*shards[r], ReplayRing(r, world_size, recordings[r].received), backends=backends,
+                                  scale=scale, cfg=cfg, pass_=pass_) for r in range(world_size)]
+        results = run() if world_size == 1 else threads()
         if world_size == 1:
             monolithic[pass_] = (0.0, results)
             error = 0.0
@@ -119,12 +136,14 @@ def run_ring_bench(cfg: RingBenchConfig, checkpoint: Checkpoint | None = None
                         for r in range(world_size) for i in range(len(want)))
         del results
         ms = time_ms_events(run)
+        threads_ms = ms if world_size == 1 else time_ms_events(threads)
         flops = attention_flops(cfg.batch, cfg.heads, cfg.seq_len, cfg.head_dim, cfg.causal,
                                 "fwd" if pass_ == "fp8" else pass_)
         if world_size == 1:
             monolithic[pass_] = (ms, monolithic[pass_][1])
         rows.append({**base, "pass": pass_, "world_size": world_size, "virtual": world_size > 1, "ms": ms,
                      "tflops": flops / ms / 1e9, "ratio_to_monolithic": monolithic[pass_][0] / ms,
+                     "threads_ms": threads_ms, "threads_ratio": monolithic[pass_][0] / threads_ms,
                      "rel_err_vs_monolithic": error})
         log.info("ring bench %s", rows[-1])
         if checkpoint is not None:
@@ -134,12 +153,13 @@ def run_ring_bench(cfg: RingBenchConfig, checkpoint: Checkpoint | None = None
 
 def ring_markdown(rows: list[dict[str, Any]]) -> str:
     table = [[r["pass"], r["world_size"], "yes" if r["virtual"] else "no (one call)", r["ms"], r["tflops"],
-              r["ratio_to_monolithic"], r["rel_err_vs_monolithic"]] for r in rows]
+              r["ratio_to_monolithic"], r["threads_ratio"], r["rel_err_vs_monolithic"]] for r in rows]
     r0 = rows[0]
     title = (f"Ring schedule on one GPU: S={r0['S']}, B={r0['B']}, H={r0['H']}, H_kv={r0['Hkv']}, D={r0['D']}, "
              f"{r0['dtype']}, causal={r0['causal']}, {r0['layout']}, backend {r0['backend']}")
     return title + "\n\n" + markdown_table(
-        ["pass", "W", "virtual ranks", "ms", "TFLOP/s", "monolithic / ring", "rel. error vs monolithic"], table)
+        ["pass", "W", "virtual ranks", "ms", "TFLOP/s", "monolithic / ring", "same, ranks as threads",
+         "rel. error vs monolithic"], table)
 
 
 def write_ring_results(cfg: RingBenchConfig, out_dir: str, plot: bool) -> list[str]:

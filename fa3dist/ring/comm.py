@@ -1,11 +1,14 @@
 """Ring communication: pass tensors to the next rank and receive from the previous one.
 
-Three implementations share one interface (``rank``, ``world_size``, ``send_recv``):
+Five implementations share one interface (``rank``, ``world_size``, ``send_recv``):
 - ``ProcessGroupRing``: torch.distributed point-to-point over a process group (NCCL or gloo);
 - ``LoopbackRing``: no communication; each rank "receives" what it sends. It runs a rank's exact
   schedule without communication, which is how overlap efficiency is measured;
 - ``ThreadRing``: virtual ranks as threads of one process (one GPU), for the ring benchmark and
-  for CPU tests of the schedule at any world size.
+  for CPU tests of the schedule at any world size;
+- ``RecordingRing`` and ``ReplayRing``: a rank of a ring run that keeps what it received, and a rerun
+  of that rank on its own from the recording (the ring benchmark replays its virtual ranks one after
+  another from one thread, so that Python threads contending for the interpreter are not timed).
 """
 
 from __future__ import annotations
@@ -126,6 +129,52 @@ class ThreadRing:
     def send_recv(self, tensors: Sequence[torch.Tensor], channel: int = 0) -> Pending:
         self._mailboxes[(self.rank + 1) % self.world_size][channel].put(list(tensors))
         return _Inbox(self._mailboxes[self.rank][channel], self._abort, self._timeout_s)
+
+
+class RecordingRing:
+    """A ring that passes everything through ``ring`` and keeps what this rank received, per channel in
+    the order of its ``send_recv`` calls, for a ``ReplayRing`` to hand out again."""
+
+    def __init__(self, ring: Ring):
+        self.rank, self.world_size = ring.rank, ring.world_size
+        self._ring = ring
+        self.received: dict[int, list[list[torch.Tensor]]] = {}
+
+    def send_recv(self, tensors: Sequence[torch.Tensor], channel: int = 0) -> Pending:
+        slot: list[torch.Tensor] = []
+        self.received.setdefault(channel, []).append(slot)
+        return _Recorded(self._ring.send_recv(tensors, channel), slot)
+
+
+class _Recorded:
+    def __init__(self, pending: Pending, slot: list[torch.Tensor]):
+        self._pending, self._slot = pending, slot
+
+    def wait(self) -> list[torch.Tensor]:
+        self._slot[:] = self._pending.wait()
+        return self._slot
+
+
+class ReplayRing:
+    """Rank ``rank`` of a recorded ring run: ``send_recv`` sends nothing and "receives" the next message
+    ``received`` holds for the channel (a ``RecordingRing.received``).
+
+    It reruns one virtual rank's exact schedule on its own (the same kernels on the same inputs), so
+    the ranks of a ring can be replayed one after another from one thread. The received tensors are
+    handed out as they are: a schedule that adds into what it received (the backward's travelling
+    dK/dV) changes the recording, so only the first run's results are the ring's.
+    """
+
+    def __init__(self, rank: int, world_size: int, received: dict[int, list[list[torch.Tensor]]]):
+        self.rank, self.world_size = rank, world_size
+        self._next = {channel: iter(messages) for channel, messages in received.items()}
+
+    def send_recv(self, tensors: Sequence[torch.Tensor], channel: int = 0) -> Pending:
+        try:
+            return _Done(next(self._next[channel]))
+        except (KeyError, StopIteration):
+            raise RuntimeError(f"replayed rank {self.rank} asked for more messages on channel {channel} "
+                               f"than its recorded run received") from None
 
 
 class PeerFailed(RuntimeError):
