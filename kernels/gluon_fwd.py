@@ -5,9 +5,11 @@ The FA3 algorithm written out, with the parts plain ``tl`` hides made explicit:
 - Warp specialization, three partitions per CTA (``gl.warp_specialize``):
   - a loader (1 warp, 24 registers) that TMA-loads the Q tile once per tile and streams K and V
     blocks through two ``STAGES``-deep shared-memory rings, guarded by mbarriers: ``k_ready``/
-    ``v_ready`` (the TMA transaction count completes them) and ``k_empty``/``v_empty`` (both
-    consumers release a slot: K as soon as S = Q K^T is done, V after P V). It loads K of block n
-    before V of block n - 1, the order the consumers need them in;
+    ``v_ready`` (the TMA transaction count completes them) and ``k_empty``/``v_empty`` (every
+    consumer releases a slot: with 2 stages K as soon as S = Q K^T is done and V after P V; with 3
+    or more K and V together after P V, one ``v_empty`` arrive per block, since each arrive costs
+    a warpgroup barrier that Triton puts before it). It loads K of block n before V of block n - 1,
+    the order the consumers need them in;
   - ``CONSUMERS`` consumer warpgroups (4 warps each), each owning 64 of the tile's 64 * CONSUMERS
     query rows and sharing every K/V stage: two of 240 registers (128-row tiles), or three of 160
     (192-row tiles, FA3's choice at D = 64: K and V are read once per 192 query rows). Registers move
@@ -274,7 +276,8 @@ def _kv_loop(acc, alpha, m_i, l_i, p, p_buf, q, k_smem, v_smem, bars, it, turns,
         _pass_turn(turn, me, PINGPONG)
         turns += 1
         s = warpgroup_mma_wait(1, deps=(s_tok,))
-        mbarrier.arrive(k_empty.index(stage), count=1)
+        if STAGES < 3:  # else K's stage is released with V's (one arrive and its barrier less per block)
+            mbarrier.arrive(k_empty.index(stage), count=1)
         p_new, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, rows, n, seq_k, qk_scale, s_layout, BLOCK_N, CAUSAL,
                                                 MASKED, FP8)
         _anchor(l_i, seq_k)  # needs every exponential; ptxas keeps it ahead of the wait (module docstring)
@@ -330,7 +333,8 @@ def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.const
         _pass_turn(turn, me, PINGPONG)
         turns += 1
         s = warpgroup_mma_wait(0, deps=(s_tok,))
-        mbarrier.arrive(k_empty.index(stage), count=1)
+        if STAGES < 3:
+            mbarrier.arrive(k_empty.index(stage), count=1)
         p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, rows, 0, seq_k, tile_scale, s_layout, BLOCK_N, CAUSAL, True,
                                             FP8)
         p = _p_operand(p.to(q.dtype), p_buf, p_layout, P_SMEM, FP8)
@@ -432,15 +436,19 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, s_ob, s_os, s_oh, 
     q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    if STAGES >= 3:  # K and V of a block leave their stage together: the loader waits on v_empty for both
+        k_empty = v_empty
+    else:
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_ready, count=1)
     mbarrier.init(q_empty, count=CONSUMERS)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=CONSUMERS)
+        if STAGES < 3:
+            mbarrier.init(k_empty.index(i), count=CONSUMERS)
         mbarrier.init(v_empty.index(i), count=CONSUMERS)
     for i in gl.static_range(CONSUMERS):
         mbarrier.init(turn.index(i), count=1)
