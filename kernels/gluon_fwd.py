@@ -416,7 +416,10 @@ def _epilogue(acc, m_i, l_i, o_scale, rows, batch, head, o_ptr, lse_ptr, s_ob, s
 
 # ---------------------------------------------------------------- kernel
 
-@gluon.jit
+# seq_q/seq_k are never specialized: Triton would make a length of 1 a constant, and with seq_k = 1
+# folded in, ptxas (CUDA 13, triton 3.6) miscompiles the FP8 P pack: the SASS merges P's zero keys from
+# registers it never writes, so garbage (NaN, or finite and silently wrong) reaches P V.
+@gluon.jit(do_not_specialize=["seq_q", "seq_k"])
 def _gluon_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale, seq_q, seq_k, heads,
                 group, num_m_blocks, num_tiles, q_d, k_d, v_d, s_qdb, s_qdh, s_kdb, s_kdh, s_vdb, s_vdh,
                 HEAD_DIM: gl.constexpr, CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
