@@ -220,8 +220,23 @@ def _pass_turn(turn, me: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _p_operand(p, p_buf, p_layout: gl.constexpr, P_SMEM: gl.constexpr, FP8: gl.constexpr):
-    """P as the A operand of P V: in registers (RS), or stored to this consumer's shared buffer (SS).
+def _round_16bit(p, dtype: gl.constexpr):
+    """fp32 ``p`` rounded to fp16/bf16 two values per instruction, in place: as a plain ``to`` the
+    conversion is sunk into the next iteration (the loop then carries 64 fp32 registers of P instead of
+    32 packed ones) and ptxas pairs the halves the wrong way round, a PRMT per register."""
+    if dtype == gl.bfloat16:
+        out = gl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [p], dtype=gl.bfloat16, is_pure=False,
+                                        pack=2)
+    else:
+        out = gl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [p], dtype=gl.float16, is_pure=False,
+                                        pack=2)
+    return out
+
+
+@gluon.jit
+def _p_operand(p, dtype: gl.constexpr, p_buf, p_layout: gl.constexpr, P_SMEM: gl.constexpr, FP8: gl.constexpr):
+    """fp32 P rounded to ``dtype`` as the A operand of P V: in registers (RS), or stored to this
+    consumer's shared buffer (SS).
 
     It comes after the wait for the in-flight P V, whose operand (those registers, or the buffer) it replaces.
     FP8: P's keys are relabelled in ``fp8.key_order`` (V is stored so), which makes the registers of the S
@@ -230,7 +245,9 @@ def _p_operand(p, p_buf, p_layout: gl.constexpr, P_SMEM: gl.constexpr, FP8: gl.c
     if FP8:
         ROWS: gl.constexpr = p.shape[0]
         KEYS: gl.constexpr = p.shape[1]
-        p = p.reshape([ROWS, KEYS // 32, 2, 2, 4, 2]).permute((0, 1, 2, 4, 3, 5)).reshape([ROWS, KEYS])
+        p = p.to(dtype).reshape([ROWS, KEYS // 32, 2, 2, 4, 2]).permute((0, 1, 2, 4, 3, 5)).reshape([ROWS, KEYS])
+    else:
+        p = _round_16bit(p, dtype)
     if P_SMEM:
         p_buf.store(p)
         fence_async_shared()
@@ -283,7 +300,7 @@ def _kv_loop(acc, alpha, m_i, l_i, p, p_buf, q, k_smem, v_smem, bars, it, turns,
         _anchor(l_i, seq_k)  # needs every exponential; ptxas keeps it ahead of the wait (module docstring)
         acc = warpgroup_mma_wait(0, deps=(acc_tok,))
         mbarrier.arrive(v_empty.index(prev), count=1)
-        p = _p_operand(p_new.to(q.dtype), p_buf, p_layout, P_SMEM, FP8)
+        p = _p_operand(p_new, q.dtype, p_buf, p_layout, P_SMEM, FP8)
         it += 1
     return acc, alpha, m_i, l_i, p, it, turns
 
@@ -337,7 +354,7 @@ def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.const
             mbarrier.arrive(k_empty.index(stage), count=1)
         p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, rows, 0, seq_k, tile_scale, s_layout, BLOCK_N, CAUSAL, True,
                                             FP8)
-        p = _p_operand(p.to(q.dtype), p_buf, p_layout, P_SMEM, FP8)
+        p = _p_operand(p, q.dtype, p_buf, p_layout, P_SMEM, FP8)
         it += 1
         full_end = gl.maximum(gl.minimum(first_masked, end), 1)
         acc, alpha, m_i, l_i, p, it, turns = _kv_loop(
