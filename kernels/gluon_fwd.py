@@ -517,12 +517,14 @@ class GluonConfig:
 
 # Candidates per head dim, the first the default. FA3's own sm90 tiles are 192 x 128 at D = 64,
 # 128 x 128 at 128 (176 non-causal) and 128 x 80 at D = 256; TMA boxes here must be powers of two.
-# 192-row tiles take P through shared memory: at 160 registers P in registers spills inside the loop
-# (tools/cross_compile.py: 56-104 B of stack), through shared memory 8-16 B outside it.
+# 192-row tiles at 160 registers: P through shared memory spills 8-16 B outside the loop; P in registers
+# (RS) spills inside it (9 stores and loads per key block in the two worker consumers, 32 B of stack
+# non-causal, 208 causal), and still ran 1.02x the shared-memory path non-causal at D = 64, 0.97 causal
+# (H200, logs/gluon-d64-rs-ab-h200-2026-12-03.txt): a candidate the tuner may pick, not the default.
 GLUON_CONFIGS: dict[int, list[GluonConfig]] = {
     64: [GluonConfig(128, 3, True), GluonConfig(128, 2, True, True), GluonConfig(128, 3, True, True),
          GluonConfig(128, 4, True), GluonConfig(128, 3, False), GluonConfig(128, 2, True, True, 3),
-         GluonConfig(128, 3, True, True, 3)],
+         GluonConfig(128, 3, True, True, 3), GluonConfig(128, 3, True, False, 3)],
     128: [GluonConfig(128, 3, True), GluonConfig(128, 2, True, True), GluonConfig(64, 4, True, True),
           GluonConfig(128, 3, False), GluonConfig(64, 4, True)],
     256: [GluonConfig(64, 2, True), GluonConfig(64, 2, True, True), GluonConfig(32, 3, True, True),
