@@ -32,7 +32,10 @@ The FA3 algorithm written out, with the parts plain ``tl`` hides made explicit:
   consumers finish the last one. Causal tiles go heaviest first (all heads' last query blocks first),
   dealt out to the CTAs in a snake: every other full round in reverse CTA order, so that a CTA that
   drew a round's heaviest tile draws the next round's lightest (plain round-robin left CTA 0 one
-  heaviest tile's worth of work above the average: 13% at S = 16K with 8 heads).
+  heaviest tile's worth of work above the average: 13% at S = 16K with 8 heads). With more (batch,
+  head) pairs than CTAs the causal order goes section by section of pairs whose K and V fit in half
+  the L2 (``causal_section``): else each CTA of a round takes a pair of its own and reuses nothing
+  (+8-9% at S = 512 and 1K, H200, logs/gluon-causal-sections-ab-h200-2026-12-03-eve.txt).
 - exp2 with log2(e) folded into the scale; masks only on the key blocks that need them (the
   diagonal band, or the last partial block).
 - Epilogue: O / l and the natural-log LSE, stored with plain pointer stores (any strides: the ring
@@ -75,6 +78,7 @@ CONSUMER_ROWS = 64  # query rows per consumer warpgroup; a tile has 64 * CONSUME
 REGISTER_BUDGETS = {2: (168, 240), 3: (128, 160)}
 LOADER_REGS = gl.constexpr(24)
 P_LOG2_OFFSET = gl.constexpr(8.0)  # FP8: P = 2^8 exp(S - m), fp8.P_SCALE
+CAUSAL_SECTION_BYTES = 24 << 20  # K and V per section of the causal order: about half an H100/H200 L2
 
 
 # ---------------------------------------------------------------- tile schedule (shared by all partitions)
@@ -89,11 +93,16 @@ def _dealt_tile(i, num_tiles):
 
 
 @gluon.jit
-def _tile_coords(tile, num_m_blocks, batch_heads, heads, group, CAUSAL: gl.constexpr):
-    """(batch, head, kv_head, m_block) of a tile. Causal: the heaviest query blocks of every head first."""
+def _tile_coords(tile, num_m_blocks, batch_heads, section, heads, group, CAUSAL: gl.constexpr):
+    """(batch, head, kv_head, m_block) of a tile. Causal: (batch, head) pairs in sections of ``section``,
+    one after the other, and in each the heaviest query blocks of every pair first (the host sizes a
+    section so that its K and V stay in L2 while the CTAs walk it)."""
     if CAUSAL:
-        m_block = num_m_blocks - 1 - tile // batch_heads
-        bh = tile % batch_heads
+        first_bh = tile // (section * num_m_blocks) * section
+        width = gl.minimum(section, batch_heads - first_bh)
+        r = tile - first_bh * num_m_blocks
+        m_block = num_m_blocks - 1 - r // width
+        bh = first_bh + r % width
     else:
         bh = tile // num_m_blocks
         m_block = tile % num_m_blocks
@@ -135,7 +144,7 @@ def _load_block(desc, smem, ready, empty, batch, kv_head, n, it, BLOCK_N: gl.con
 
 @gluon.jit
 def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_k, heads, group, num_m_blocks, num_tiles,
-            CAUSAL: gl.constexpr, FP8: gl.constexpr):
+            section, CAUSAL: gl.constexpr, FP8: gl.constexpr):
     """The TMA producer: each tile's Q (a box per consumer), then its K and V blocks through the stage ring."""
     CONSUMERS: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[3]
@@ -146,7 +155,7 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_k, heads, 
     it = 0
     t = 0
     for i in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        batch, head, kv_head, m_block = _tile_coords(_dealt_tile(i, num_tiles), num_m_blocks, batch_heads, heads,
+        batch, head, kv_head, m_block = _tile_coords(_dealt_tile(i, num_tiles), num_m_blocks, batch_heads, section, heads,
                                                      group, CAUSAL)
         mbarrier.wait(q_empty, (t & 1) ^ 1)  # every consumer is done with the last tile's Q
         mbarrier.expect(q_ready, CONSUMERS * q_desc.block_type.nbytes)
@@ -310,7 +319,7 @@ def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.const
               P_SMEM: gl.constexpr, FP8: gl.constexpr):
     """Consumer warpgroup ``me``: the attention of its 64 rows of every tile, and their epilogue."""
     (q_smem, k_smem, v_smem, p_smem, bars, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale, seq_q, seq_k,
-     heads, group, num_m_blocks, num_tiles, descales) = args
+     heads, group, num_m_blocks, num_tiles, section, descales) = args
     ROWS: gl.constexpr = q_smem.shape[3]
     BLOCK_M: gl.constexpr = q_smem.shape[0] * ROWS
     HEAD_DIM: gl.constexpr = q_smem.shape[4]
@@ -332,7 +341,7 @@ def _consumer(args, me: gl.constexpr, CAUSAL: gl.constexpr, ACCUMULATE: gl.const
     turns = 0
     t = 0
     for i in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        batch, head, kv_head, m_block = _tile_coords(_dealt_tile(i, num_tiles), num_m_blocks, batch_heads, heads,
+        batch, head, kv_head, m_block = _tile_coords(_dealt_tile(i, num_tiles), num_m_blocks, batch_heads, section, heads,
                                                      group, CAUSAL)
         tile_scale, o_scale = _tile_scales(qk_scale, descales, batch, head, kv_head, FP8)
         first_masked, end = _key_blocks(m_block, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
@@ -433,12 +442,12 @@ def _epilogue(acc, m_i, l_i, o_scale, rows, batch, head, o_ptr, lse_ptr, s_ob, s
 
 # ---------------------------------------------------------------- kernel
 
-# seq_q/seq_k are never specialized: Triton would make a length of 1 a constant, and with seq_k = 1
+# seq_q/seq_k (and section) are never specialized: Triton would make a length of 1 a constant, and with seq_k = 1
 # folded in, ptxas (CUDA 13, triton 3.6) miscompiles the FP8 P pack: the SASS merges P's zero keys from
 # registers it never writes, so garbage (NaN, or finite and silently wrong) reaches P V.
-@gluon.jit(do_not_specialize=["seq_q", "seq_k"])
+@gluon.jit(do_not_specialize=["seq_q", "seq_k", "section"])
 def _gluon_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale, seq_q, seq_k, heads,
-                group, num_m_blocks, num_tiles, q_d, k_d, v_d, s_qdb, s_qdh, s_kdb, s_kdh, s_vdb, s_vdh,
+                group, num_m_blocks, num_tiles, section, q_d, k_d, v_d, s_qdb, s_qdh, s_kdb, s_kdh, s_vdb, s_vdh,
                 HEAD_DIM: gl.constexpr, CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                 CAUSAL: gl.constexpr, ACCUMULATE: gl.constexpr, PINGPONG: gl.constexpr, P_SMEM: gl.constexpr,
                 FP8: gl.constexpr, CONSUMER_REGS: gl.constexpr):
@@ -475,9 +484,9 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, s_ob, s_os, s_oh, 
     bars = (q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turn)
     descales = (q_d, k_d, v_d, s_qdb, s_qdh, s_kdb, s_kdh, s_vdb, s_vdh)
     consumer_args = (q_smem, k_smem, v_smem, p_smem, bars, o_ptr, lse_ptr, s_ob, s_os, s_oh, s_lb, s_lh, qk_scale,
-                     seq_q, seq_k, heads, group, num_m_blocks, num_tiles, descales)
+                     seq_q, seq_k, heads, group, num_m_blocks, num_tiles, section, descales)
     loader_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, seq_k, heads, group, num_m_blocks, num_tiles,
-                   CAUSAL, FP8)
+                   section, CAUSAL, FP8)
     # A partition list can only be written out (it holds functions), and constexprs travel one by one.
     if CONSUMERS == 2:
         gl.warp_specialize([(_consumer, (consumer_args, 0, CAUSAL, ACCUMULATE, PINGPONG, P_SMEM, FP8)),
@@ -551,6 +560,17 @@ def gluon_supported(q: torch.Tensor, out: torch.Tensor | None) -> str | None:
     return reason
 
 
+def causal_section(batch_heads: int, programs: int, k: torch.Tensor, group: int) -> int:
+    """(batch, head) pairs per section of the causal tile order (``_tile_coords``): all of them unless there
+    are more pairs than CTAs. Then every CTA of a round would take a pair of its own and nothing it loads
+    would be reused from L2 (D = 128 at S = 1K, 16 sequences of 16 heads: 0.44 of cuDNN); a section holds as
+    many pairs as ``CAUSAL_SECTION_BYTES`` of their K and V."""
+    if batch_heads <= programs:
+        return batch_heads
+    kv_bytes = 2 * k.shape[1] * k.shape[3] * k.element_size() // group  # per query head
+    return max(1, min(batch_heads, CAUSAL_SECTION_BYTES // max(kv_bytes, 1)))
+
+
 def gluon_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
                  cfg: GluonConfig, out: torch.Tensor, lse: torch.Tensor, accumulate: bool, *,
                  descales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
@@ -580,7 +600,8 @@ def gluon_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
     _gluon_fwd_kernel[(programs,)](
         bhsd_descriptor(q, CONSUMER_ROWS, head_dim), bhsd_descriptor(k, cfg.block_n, head_dim), v_desc, out, lse,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), softmax_scale * LOG2E,
-        seq_q, seq_k, heads, heads // kv_heads, num_m_blocks, num_tiles, *descale_args,
+        seq_q, seq_k, heads, heads // kv_heads, num_m_blocks, num_tiles,
+        causal_section(batch * heads, programs, k, heads // kv_heads) if causal else batch * heads, *descale_args,
         HEAD_DIM=head_dim, CONSUMERS=cfg.consumers, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CAUSAL=causal,
         ACCUMULATE=accumulate, PINGPONG=cfg.pingpong, P_SMEM=cfg.p_smem, FP8=fp8, CONSUMER_REGS=consumer_regs,
         num_warps=4, maxnreg=maxnreg)

@@ -143,3 +143,16 @@ def test_deterministic_and_repeatable():
     for _ in range(3):
         again = _run(q, k, v, 0.09, True, gluon_fwd.GLUON_CONFIGS[128][0])
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_causal_sections_cover_every_tile(monkeypatch, head_dim):
+    """More (batch, head) pairs than CTAs: the causal order walks them in L2-sized sections (the last one
+    partial here: 21 pairs in sections of 2), and every tile is still computed exactly once."""
+    q, k, v = _qkv(3, 1000, 1000, 7, 7, head_dim, torch.bfloat16, seed=21)
+    kv_bytes = 2 * k.shape[1] * head_dim * k.element_size()
+    monkeypatch.setattr(gluon_fwd, "CAUSAL_SECTION_BYTES", 2 * kv_bytes)
+    assert gluon_fwd.causal_section(21, 5, k, 1) == 2 and gluon_fwd.causal_section(21, 32, k, 1) == 21
+    for cfg in gluon_fwd.GLUON_CONFIGS[head_dim][:2]:
+        out, lse = _run(q, k, v, 0.1, True, cfg, num_programs=5)
+        _check(q, k, v, 0.1, True, out, lse)
