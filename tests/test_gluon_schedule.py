@@ -1,4 +1,5 @@
-"""The Gluon forward's causal tile order on the host side (the kernel itself runs in tests/gpu)."""
+"""The Gluon forward's launch arguments on the host side: the causal tile order's sections and the integers
+that must never become compile-time constants (the kernel itself runs in tests/gpu)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ def test_causal_sections_only_when_pairs_outnumber_ctas():
     assert gluon_fwd.causal_section(200, 132, huge, 1) == 1
 
 
-def test_the_section_size_is_never_a_compile_time_constant():
-    """A section of 1 would be specialized into the kernel as a constant, as seq_k = 1 was (7c80d8c)."""
+def test_lengths_and_section_are_never_compile_time_constants():
+    """Triton makes an int argument equal to 1 a constant; with seq_k = 1 folded in, ptxas miscompiled the
+    FP8 P pack (its SASS merged P's zero keys from registers it never wrote: NaN rows at one key). A causal
+    section of 1 would be folded alike."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    assert native_specialize_impl(BaseBackend, 1, False, True, True)[0] == "constexpr"  # what it guards against
     params = {p.name: p for p in gluon_fwd._gluon_fwd_kernel.params}
-    assert params["section"].do_not_specialize
+    assert all(params[name].do_not_specialize for name in ("seq_q", "seq_k", "section"))
