@@ -39,7 +39,7 @@ the last partial key block where a dQ is formed). P and dS are cast to the input
 products; accumulators stay fp32. Block sizes and the dQ strategy are tuned per problem class by
 ``pick_config`` over ``BWD_CONFIGS[padded head dim]``, whose first, conservative entry (no atomics)
 every other candidate must agree with; choices are keyed by ``autotune.tuning_key`` and kept on disk.
-On sm_90 at D = 64 and 128 (fp16/bf16) the candidates also include the Gluon backward
+On sm_90 at D = 64, 128 and 256 (fp16/bf16) the candidates also include the Gluon backward
 (``gluon_bwd.py``, after the same preprocess), with dQ by TMA reduction or, for
 ``deterministic=True``, by the ``separate`` dQ kernel above; ``FA3DIST_KERNEL`` forces a path.
 """
@@ -555,7 +555,7 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     q, do, out: (B, Sq, H, D); k, v: (B, Sk, H_kv, D); lse: fp32 (B, H, Sq), natural log. ``out``
     and ``lse`` may come from a larger attention (the ring's merged result): P and delta use them
     as given. On CUDA (fp16/bf16) the config is tuned and verified once per problem class; on sm_90
-    at D = 64 and 128 the candidates include the Gluon kernel (gluon_bwd.py).
+    at D = 64, 128 and 256 the candidates include the Gluon kernel (gluon_bwd.py).
 
     Without buffers all three gradients are new contiguous tensors in q's dtype. With buffers
     (float32, shaped like q, k, v; row-slice views of larger buffers allowed) only the gradients

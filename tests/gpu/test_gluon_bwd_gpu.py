@@ -78,11 +78,13 @@ SEQ_GRID = [(1, 1), (1, 239), (239, 1), (3, 799), (799, 3), (113, 203), (128, 21
             (256, 512), (1024, 1024), (1023, 1024), (1024, 1023), (2048, 2048), (4224, 4224)]
 
 
+@pytest.mark.parametrize("head_dim", [128, 256], ids=["d128-keys-split", "d256-dims-split"])
 @pytest.mark.parametrize("seq_q,seq_k", SEQ_GRID)
-def test_awkward_lengths(seq_q, seq_k):
+def test_awkward_lengths(seq_q, seq_k, head_dim):
     for causal in ([False, True] if seq_q == seq_k else [False]):
-        inputs = _inputs(2, seq_q, seq_k, 4, 2, 128, torch.bfloat16, causal, seed=seq_q * 31 + seq_k)
-        grads = flash_bwd_config(*inputs[:6], softmax_scale=inputs[6], causal=causal, config=CONFIGS[128][0])
+        inputs = _inputs(2, seq_q, seq_k, 4, 2, head_dim, torch.bfloat16, causal, seed=seq_q * 31 + seq_k)
+        grads = flash_bwd_config(*inputs[:6], softmax_scale=inputs[6], causal=causal,
+                                 config=CONFIGS[head_dim][0])
         _check(grads, inputs, causal)
 
 
