@@ -458,7 +458,7 @@ def _launch_gluon(p: _Problem, cfg: Config, grads: Grads, fresh: bool, accumulat
         else:
             dq_acc = dq if accumulate else dq.zero_()
     gluon_bwd.gluon_bwd_launch(p.q, p.k, p.v, p.do, p.lse2, p.delta, p.softmax_scale, p.causal,
-                               gluon_bwd.GluonBwdConfig(cfg["BLOCK_M"], cfg["STAGES"]), dq_acc, dk, dv, accumulate)
+                               gluon_bwd.GluonBwdConfig.of_candidate(cfg), dq_acc, dk, dv, accumulate)
     if reduce_dq and fresh:
         dq.copy_(dq_acc)
     elif dq is not None and not reduce_dq:
@@ -508,8 +508,7 @@ def _gluon_configs(p: _Problem, buffers: Grads | None, path: str) -> list[Config
         if path == "gluon":
             warn_once(f"FA3DIST_KERNEL=gluon, but the Gluon backward cannot take this call ({reason}): using tl")
         return []
-    return [{"path": "gluon", "BLOCK_M": c.block_m, "STAGES": c.stages, "dq": dq}
-            for dq in ("tma_reduce", "separate") for c in gluon_bwd.GLUON_BWD_CONFIGS[p.q.shape[3]]]
+    return [c.candidate(dq) for dq in ("tma_reduce", "separate") for c in gluon_bwd.GLUON_BWD_CONFIGS[p.q.shape[3]]]
 
 
 def _choose_config(p: _Problem, buffers: Grads | None, accumulate: bool, deterministic: bool) -> Config:

@@ -62,7 +62,7 @@ def main() -> int:
                                     softmax_scale=scale, causal=causal)
                 cfg = gluon_bwd.GLUON_BWD_CONFIGS[dim][0]
                 for dq in ("tma_reduce", "separate"):
-                    config = {"path": "gluon", "BLOCK_M": cfg.block_m, "STAGES": cfg.stages, "dq": dq}
+                    config = cfg.candidate(dq)
                     grads = flash_bwd_config(do, q, k, v, out, lse, softmax_scale=scale, causal=causal, config=config)
                     torch.cuda.synchronize()
                     errs = [relative_error(g, r) for g, r in zip(grads, ref)]

@@ -87,8 +87,8 @@ def _bwd_impls(q, k, v, scale, causal, fa3, do, out, lse) -> dict[str, Impl]:
         impls["fa3"] = lambda: fa3.fa3_bwd(*args, **opts)
     for cfg in gluon_bwd.GLUON_BWD_CONFIGS.get(q.shape[-1], []):
         for dq in ("tma_reduce", "separate"):
-            config = {"path": "gluon", "BLOCK_M": cfg.block_m, "STAGES": cfg.stages, "dq": dq}
-            impls[f"gluon {cfg.block_m}/{cfg.stages}/{dq}"] = (
+            config = cfg.candidate(dq)
+            impls[f"gluon {cfg.name}/{dq}"] = (
                 lambda config=config: triton_bwd.flash_bwd_config(*args, **opts, config=config))
     return impls
 

@@ -25,8 +25,7 @@ from .grad_checks import check_gradient
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not SM90, reason="needs an sm_90 GPU")]
 FALLBACK_TOL = 2e-2
-CONFIGS = {d: [{"path": "gluon", "BLOCK_M": c.block_m, "STAGES": c.stages, "dq": dq}
-               for c in gluon_bwd.GLUON_BWD_CONFIGS[d] for dq in ("tma_reduce", "separate")]
+CONFIGS = {d: [c.candidate(dq) for c in gluon_bwd.GLUON_BWD_CONFIGS[d] for dq in ("tma_reduce", "separate")]
            for d in gluon_bwd.GLUON_BWD_HEAD_DIMS}
 
 
